@@ -1,0 +1,216 @@
+"""The ``prism-probe`` command line: a thin layer over the importable API.
+
+Each command imports torch and the model libraries inside its body, so ``--help`` and
+``prism-probe encoders`` start without them. Results go to stdout (a table, or JSON with
+``--json``); logs and progress go to stderr. A :class:`PrismError` is printed as one line and
+the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import PrismError
+
+app = typer.Typer(
+    name="prism-probe",
+    help="Measure the frequency spectra of vision encoders' features (the Prism Hypothesis).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("prism_probe")
+
+RegistryOpt = typer.Option(None, "--registry", help="Extra registry YAML file(s); later wins.",
+                           envvar="PRISM_PROBE_REGISTRY_FILE")
+WeightsOpt = typer.Option(None, "--weights", help="Folder searched first for weight files "
+                          "(also PRISM_PROBE_WEIGHTS).")
+ImagesOpt = typer.Option(None, "--images", help="Folder (recursive), glob, or text file of "
+                         "paths; default: the photos scikit-image ships.")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=_stderr_console(), show_time=False, show_path=False,
+                          markup=False)
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+
+
+def _registry(files: Optional[List[Path]]):
+    from .registry import Registry
+
+    return Registry.load(files or [])
+
+
+def _fail(exc: PrismError) -> None:
+    typer.echo(f"prism-probe: error: {exc}", err=True)
+    raise typer.Exit(getattr(exc, "exit_code", 2))
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("images"), TimeRemainingColumn(), console=_stderr_console(),
+                    transient=True)
+
+
+@app.command("encoders")
+def encoders_cmd(
+    registry: Optional[List[Path]] = RegistryOpt,
+    weights: Optional[List[Path]] = WeightsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON."),
+):
+    """List the registry, marking which weights are present locally."""
+    from . import weights as W
+
+    try:
+        reg = _registry(registry)
+        dirs = W.weights_dirs(weights)
+        rows = []
+        for e in reg:
+            state, where = W.presence(e, dirs)
+            rows.append({**e.to_dict(), "weights_present": state, "weights_location": where})
+    except PrismError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    mark = {"local": "[green]local[/]", "cache": "[green]cache[/]", "builtin": "built-in",
+            "missing": "[dim]missing[/]"}
+    table = Table(title=f"{len(rows)} encoders ({', '.join(str(f) for f in reg.files)})")
+    for col in ("name", "family", "backend", "identifier", "input", "layer", "weights"):
+        table.add_column(col)
+    for r in rows:
+        size = r["input"]["size"]
+        table.add_row(r["name"], r["family"], r["backend"], str(r["id"] or ""),
+                      f"{size} px" if isinstance(size, int) else f"{size[0]}×{size[1]} px",
+                      str(r["features"].get("layer", "")), mark[r["weights_present"]])
+    Console().print(table)
+
+
+@app.command("spectrum")
+def spectrum_cmd(
+    encoders: Optional[List[str]] = typer.Argument(
+        None, help="Registry names, random:NAME, pixels[:P], uae:RUN. Default: pixels and every "
+        "entry whose weights are present."),
+    images: Optional[str] = ImagesOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N images (seeded "
+                                        "subsample, order kept)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write profiles and figures here."),
+    registry: Optional[List[Path]] = RegistryOpt,
+    weights: Optional[List[Path]] = WeightsOpt,
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 autocast on CUDA, float32 "
+                              "on CPU), float32, bfloat16, float16."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="Image decoding processes."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Override every "
+                                             "encoder's input size (pixels)."),
+    grid: Optional[int] = typer.Option(None, "--grid", help="Pool every feature map to N×N "
+                                       "before measuring (a common grid)."),
+    units: str = typer.Option("cell", "--units", help="cell: cycles per grid cell; pixel: "
+                              "cycles per input pixel."),
+    window: str = typer.Option("hann", "--window", help="hann or none."),
+    no_mean: bool = typer.Option(False, "--keep-mean", help="Do not subtract each channel's "
+                                 "spatial mean."),
+    cutoff: float = typer.Option(0.125, "--cutoff", help="Low-band share cutoff, in --units."),
+    bands: int = typer.Option(10, "--bands", min=1, help="DCT zig-zag bands for e(k)."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Measure and compare the spectra of encoders' feature maps on a set of images."""
+    _setup_logging(verbose, quiet=as_json)
+    try:
+        from .measure import is_main_process, measure_spectra
+        from .report import spectrum_table, write_outputs
+        from .spectra import SpectrumConfig
+
+        config = SpectrumConfig(window=None if window.lower() == "none" else window,
+                                remove_mean=not no_mean, n_dct_bands=bands, low_cutoff=cutoff)
+        progress = _progress(not as_json and is_main_process())
+        with progress or nullcontext():
+            profiles = measure_spectra(
+                encoders, images, registry=_registry(registry), weights_dir=weights,
+                device=device, image_size=image_size, limit=limit, seed=seed, config=config,
+                grid=grid, units=units, batch_size=batch_size, workers=workers, dtype=dtype,
+                progress=progress)
+        if not is_main_process():
+            return
+        written = write_outputs(profiles, out) if out else []
+    except PrismError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
+    else:
+        from rich.console import Console
+
+        Console().print(spectrum_table(profiles))
+    for path in written:
+        log.info("wrote %s", path)
+
+
+@app.command("plot")
+def plot_cmd(
+    profiles: List[Path] = typer.Argument(..., help="Profile JSON files from `spectrum --out`."),
+    out: Path = typer.Option(Path("spectra.png"), "--out", "-o", help="Figure file; a .pdf "
+                             "beside a .png is written too with --pdf."),
+    pdf: bool = typer.Option(False, "--pdf", help="Also write a PDF next to the PNG."),
+    width: float = typer.Option(10.0, "--width", help="Figure width in inches."),
+    height: float = typer.Option(4.0, "--height", help="Figure height in inches."),
+    font_size: float = typer.Option(9.0, "--font-size"),
+    xscale: str = typer.Option("log", "--xscale", help="log or linear."),
+    yscale: str = typer.Option("log", "--yscale", help="log or linear."),
+    normalize: str = typer.Option("total", "--normalize", help="total (each spectrum divided by "
+                                  "its total power), dc-free, or none."),
+    units: Optional[str] = typer.Option(None, "--units", help="cell or pixel (default: as "
+                                        "measured)."),
+):
+    """Redraw the comparison figure from saved profiles."""
+    try:
+        from .plot import plot_profiles
+        from .profile import Profile
+
+        loaded = [Profile.load(p) for p in profiles]
+        paths = plot_profiles(loaded, out, pdf=pdf, size=(width, height), font_size=font_size,
+                              xscale=xscale, yscale=yscale, normalize=normalize, units=units)
+    except PrismError as exc:
+        _fail(exc)
+    for p in paths:
+        typer.echo(str(p))
+
+
+def main() -> None:
+    """Entry point of the ``prism-probe`` script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("prism-probe: interrupted; outputs already written are complete, nothing "
+                   "half-written was left", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Comparison figures from profiles: radial spectra overlaid, and e(k) bars side by side.
+
+Every figure states its protocol in its caption (units, window, mean removal, grid, input sizes),
+taken from the profiles themselves, so a figure cut out of a paper still says how it was made.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import PrismError
+from .profile import Profile, atomic_write_bytes
+
+NORMALIZE = ("total", "peak", "none")
+
+
+def _curve(p: Profile, units: str, normalize: str):
+    r = p.result
+    f = np.asarray(r["freqs_pixel"] if units == "pixel" else r["freqs"], dtype=float)
+    y = np.asarray(r["power"], dtype=float)
+    se = np.asarray(r.get("power_se", np.zeros_like(y)), dtype=float)
+    if normalize == "total":
+        scale = y.sum()
+    elif normalize == "peak":
+        scale = y[f > 0].max() if (f > 0).any() else y.max()
+    else:
+        scale = 1.0
+    scale = scale if scale > 0 else 1.0
+    return f, y / scale, 1.96 * se / scale
+
+
+def protocol_caption(profiles: Sequence[Profile], units: str) -> str:
+    pr = profiles[0].protocol
+    cfg = pr["spectrum"]
+    sizes = sorted({"×".join(map(str, p.protocol["input_size"])) for p in profiles})
+    grids = sorted({"×".join(map(str, p.protocol["grid"])) for p in profiles})
+    n = sorted({p.images["n_used"] for p in profiles})
+    return (f"{pr['grid_mode']} grid ({', '.join(grids)}); input {', '.join(sizes)} px; "
+            f"window {cfg['window'] or 'none'}; channel mean "
+            f"{'removed' if cfg['remove_mean'] else 'kept'}; "
+            f"{'cycles per input pixel' if units == 'pixel' else 'cycles per grid cell'}; "
+            f"{'/'.join(map(str, n))} images; shading: 95 % interval over images")
+
+
+def plot_profiles(
+    profiles: Sequence[Profile],
+    out: str | Path,
+    *,
+    pdf: bool = False,
+    size: tuple[float, float] = (10.0, 4.0),
+    font_size: float = 9.0,
+    xscale: str = "log",
+    yscale: str = "log",
+    normalize: str = "total",
+    units: str | None = None,
+) -> list[Path]:
+    """Draw all profiles' radial spectra (left) and DCT band energies e(k) (right).
+
+    ``normalize``: ``total`` divides each spectrum by the sum of its ring means, so encoders of
+    different widths and scales share an axis; ``peak`` by its largest non-DC ring; ``none``
+    keeps raw power (units of feature value², per cell). Returns the files written (PNG, and a
+    PDF beside it when ``pdf``), each written atomically.
+    """
+    if not profiles:
+        raise PrismError("nothing to plot: give at least one profile")
+    if normalize not in NORMALIZE:
+        raise PrismError(f"--normalize {normalize}: use one of {', '.join(NORMALIZE)}")
+    for scale in (xscale, yscale):
+        if scale not in ("log", "linear"):
+            raise PrismError(f"axis scale {scale!r}: use log or linear")
+    units = units or profiles[0].protocol["units"]
+    if units not in ("cell", "pixel"):
+        raise PrismError(f"--units {units}: use cell or pixel")
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context({"font.size": font_size}):
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=size, gridspec_kw={"width_ratios": [3, 2]})
+        for i, p in enumerate(profiles):
+            f, y, ci = _curve(p, units, normalize)
+            keep = f > 0 if xscale == "log" else np.ones_like(f, dtype=bool)
+            color = f"C{i % 10}"
+            style = "--" if p.family == "pixel" else "-"
+            ax.plot(f[keep], y[keep], style, color=color, lw=1.5,
+                    label=f"{p.label} ({p.family})")
+            lo = np.clip(y - ci, 1e-30 if yscale == "log" else None, None)
+            ax.fill_between(f[keep], lo[keep], (y + ci)[keep], color=color, alpha=0.2, lw=0)
+        ax.set_xscale(xscale)
+        ax.set_yscale(yscale)
+        ax.set_xlabel("radial frequency (" + ("cycles / input pixel" if units == "pixel"
+                                               else "cycles / grid cell") + ")")
+        ax.set_ylabel({"total": "power / total power", "peak": "power / peak power",
+                       "none": "power per ring"}[normalize])
+        ax.set_title("Radially averaged power spectrum")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(frameon=False)
+
+        k = len(profiles[0].result["dct_energy"])
+        width = 0.8 / len(profiles)
+        x = np.arange(1, k + 1)
+        for i, p in enumerate(profiles):
+            e = np.asarray(p.result["dct_energy"], dtype=float)
+            err = 1.96 * np.asarray(p.result.get("dct_energy_se", np.zeros_like(e)), dtype=float)
+            bx.bar(x - 0.4 + width * (i + 0.5), e, width, yerr=err, color=f"C{i % 10}",
+                   label=p.label, error_kw={"lw": 0.8})
+        bx.set_yscale("log" if yscale == "log" else "linear")
+        bx.set_xticks(x)
+        bx.set_xlabel("DCT zig-zag band k (low → high)")
+        bx.set_ylabel("e(k), share of energy")
+        bx.set_title(f"DCT band energy ({k} bands, raw)")
+        bx.grid(True, axis="y", which="both", alpha=0.3)
+        fig.text(0.5, 0.005, protocol_caption(profiles, units), ha="center", va="bottom",
+                 fontsize=font_size * 0.8)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        out = Path(out)
+        written = []
+        targets = [("png", out.with_suffix(".png"))]
+        if pdf or out.suffix == ".pdf":
+            targets.append(("pdf", out.with_suffix(".pdf")))
+        for fmt, path in targets:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=150)
+            written.append(atomic_write_bytes(path, buf.getvalue()))
+        plt.close(fig)
+    return written

@@ -1,0 +1,68 @@
+"""Reports: the rich table of a run and the files ``--out`` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .profile import Profile, profile_filename
+
+
+def summary(profile: Profile, key: str) -> tuple[float, float, float]:
+    """(mean, low, high) of a per-image summary: its mean and 95 % interval over images."""
+    s = profile.result["summaries"][key]
+    lo, hi = s["ci95"]
+    return s["mean"], lo, hi
+
+
+def unit_label(units: str) -> str:
+    return "cycles/px" if units == "pixel" else "cycles/cell"
+
+
+def spectrum_table(profiles: Sequence[Profile]):
+    """One row per encoder: family, grid, images used, low-band share, centroid, slope."""
+    from rich.table import Table
+
+    if not profiles:
+        return Table(title="no profiles")
+    p0 = profiles[0].protocol
+    units = p0["units"]
+    cfg = p0["spectrum"]
+    cut = cfg["low_cutoff"]
+    fmin, fmax = cfg["slope_range"]
+    title = (f"Feature spectra — {p0['grid_mode']} grid, window {cfg['window'] or 'none'}, "
+             f"mean {'removed' if cfg['remove_mean'] else 'kept'}, frequencies in "
+             f"{unit_label(units)}")
+    table = Table(title=title, caption="values: mean over images [95 % interval]")
+    table.add_column("encoder")
+    table.add_column("family")
+    table.add_column("input")
+    table.add_column("grid")
+    table.add_column("images", justify="right")
+    table.add_column(f"low share (≤{cut:g})", justify="right")
+    table.add_column("centroid", justify="right")
+    table.add_column(f"slope ({fmin:g}–{fmax:g})", justify="right")
+    table.add_column("e(1)", justify="right")
+    for p in profiles:
+        pr = p.protocol
+        row = [p.label, p.family, "×".join(str(s) for s in pr["input_size"]),
+               "×".join(str(s) for s in pr["grid"]), str(p.images["n_used"])]
+        scale = 1.0 / pr["stride_px"] if units == "pixel" else 1.0
+        for key, mul, fmt in (("low_band_share", 1.0, "{:.3f}"), ("centroid", scale, "{:.3f}"),
+                              ("slope", 1.0, "{:.2f}")):
+            m, lo, hi = summary(p, key)
+            row.append(f"{fmt.format(m * mul)} [{fmt.format(lo * mul)}, "
+                       f"{fmt.format(hi * mul)}]")
+        row.append(f"{p.result['dct_energy'][0]:.3f}")
+        table.add_row(*row)
+    return table
+
+
+def write_outputs(profiles: Sequence[Profile], out: str | Path) -> list[Path]:
+    """Write one JSON profile per encoder and the comparison figure (PNG and PDF) into ``out``."""
+    from .plot import plot_profiles
+
+    out = Path(out)
+    written = [p.save(out / profile_filename(p.label)) for p in profiles]
+    written += plot_profiles(profiles, out / "spectra.png", pdf=True)
+    return written
