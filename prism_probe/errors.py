@@ -34,3 +34,11 @@ class NumericsError(PrismError):
 
 class OutputError(PrismError):
     """An output path cannot be written."""
+
+
+class ImageSourceError(PrismError):
+    """An image source (folder, pattern, list, class folder) is missing or malformed."""
+
+
+class PreprocessError(PrismError):
+    """Preprocessing settings are invalid, or an image does not fit them."""
