@@ -202,6 +202,17 @@ def missing(entry: EncoderEntry, dirs: Iterable[Path], detail: str = "") -> Weig
         f"random:{entry.name} runs the architecture with random weights")
 
 
+def require_hub_cache(entry: EncoderEntry, hub: str, dirs: Iterable[Path]) -> None:
+    """Offline, fail at once with :func:`missing` when ``hub`` is not in the Hugging Face cache.
+
+    Backends call this before handing a hub id to their library, so that an offline run gets the
+    one clear error instead of the library's retries and tracebacks.
+    """
+    repo = hub.removeprefix("hf-hub:").strip("/")
+    if offline() and hf_cached(repo) is None:
+        raise missing(entry, dirs, f"offline, and '{repo}' is not in the hub cache")
+
+
 def resolve(
     entry: EncoderEntry,
     *,
