@@ -51,6 +51,16 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
 
 
+def _stdout_console():
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        # Piped or captured output: rich would wrap tables at 80 columns, cramping intervals.
+        console = Console(width=160)
+    return console
+
+
 def _registry(files: Optional[List[Path]]):
     from .registry import Registry
 
@@ -107,7 +117,7 @@ def encoders_cmd(
         table.add_row(r["name"], r["family"], r["backend"], str(r["id"] or ""),
                       f"{size} px" if isinstance(size, int) else f"{size[0]}×{size[1]} px",
                       str(r["features"].get("layer", "")), mark[r["weights_present"]])
-    Console().print(table)
+    _stdout_console().print(table)
 
 
 @app.command("spectrum")
@@ -165,9 +175,7 @@ def spectrum_cmd(
     if as_json:
         typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
     else:
-        from rich.console import Console
-
-        Console().print(spectrum_table(profiles))
+        _stdout_console().print(spectrum_table(profiles))
     for path in written:
         log.info("wrote %s", path)
 
@@ -183,8 +191,8 @@ def plot_cmd(
     font_size: float = typer.Option(9.0, "--font-size"),
     xscale: str = typer.Option("log", "--xscale", help="log or linear."),
     yscale: str = typer.Option("log", "--yscale", help="log or linear."),
-    normalize: str = typer.Option("total", "--normalize", help="total (each spectrum divided by "
-                                  "its total power), dc-free, or none."),
+    normalize: str = typer.Option("white", "--normalize", help="white (power / mean power per "
+                                  "cell: white noise = 1), total, peak or none."),
     units: Optional[str] = typer.Option(None, "--units", help="cell or pixel (default: as "
                                         "measured)."),
 ):

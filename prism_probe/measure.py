@@ -153,6 +153,8 @@ def measure_encoder(
         if progress:
             progress.update(task, advance=len(batch) + len(batch.skipped))
 
+    if progress:
+        progress.update(task, completed=stream.n_total)
     parts = dist.gather((acc, stream.n_read, [(str(p), r) for p, r in stream.skipped]))
     accs = [a for a, _, _ in parts if a is not None]
     if not accs:

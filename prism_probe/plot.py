@@ -15,15 +15,23 @@ import numpy as np
 from .errors import PrismError
 from .profile import Profile, atomic_write_bytes
 
-NORMALIZE = ("total", "peak", "none")
+NORMALIZE = ("white", "total", "peak", "none")
 
 
 def _curve(p: Profile, units: str, normalize: str):
     r = p.result
     f = np.asarray(r["freqs_pixel"] if units == "pixel" else r["freqs"], dtype=float)
     y = np.asarray(r["power"], dtype=float)
-    se = np.asarray(r.get("power_se", np.zeros_like(y)), dtype=float)
-    if normalize == "total":
+    se = r.get("power_stderr")
+    se = np.zeros_like(y) if se is None else np.asarray(se, dtype=float)
+    if normalize == "white":
+        # Mean power per cell, corners included: a white field of the same variance is flat at 1
+        # on any grid, so encoders with different grids share one axis.
+        counts = np.asarray(r["ring_counts"], dtype=float)
+        ring_total = float((y * counts).sum())
+        corner = float(r.get("corner_power_share", 0.0))
+        scale = ring_total / max(1.0 - corner, 1e-12) / float(np.prod(r["grid"]))
+    elif normalize == "total":
         scale = y.sum()
     elif normalize == "peak":
         scale = y[f > 0].max() if (f > 0).any() else y.max()
@@ -43,7 +51,7 @@ def protocol_caption(profiles: Sequence[Profile], units: str) -> str:
             f"window {cfg['window'] or 'none'}; channel mean "
             f"{'removed' if cfg['remove_mean'] else 'kept'}; "
             f"{'cycles per input pixel' if units == 'pixel' else 'cycles per grid cell'}; "
-            f"{'/'.join(map(str, n))} images; shading: 95 % interval over images")
+            f"{'/'.join(map(str, n))} images; shading: ±1.96 standard errors over images")
 
 
 def plot_profiles(
@@ -55,14 +63,15 @@ def plot_profiles(
     font_size: float = 9.0,
     xscale: str = "log",
     yscale: str = "log",
-    normalize: str = "total",
+    normalize: str = "white",
     units: str | None = None,
 ) -> list[Path]:
     """Draw all profiles' radial spectra (left) and DCT band energies e(k) (right).
 
-    ``normalize``: ``total`` divides each spectrum by the sum of its ring means, so encoders of
-    different widths and scales share an axis; ``peak`` by its largest non-DC ring; ``none``
-    keeps raw power (units of feature value², per cell). Returns the files written (PNG, and a
+    ``normalize``: ``white`` (default) divides each spectrum by its mean power per cell, so a
+    white field of the same variance is flat at 1 whatever the grid, and encoders of different
+    widths, scales and grids share an axis; ``total`` divides by the sum of its ring means;
+    ``peak`` by its largest non-DC ring; ``none`` keeps raw power (feature units², per cell). Returns the files written (PNG, and a
     PDF beside it when ``pdf``), each written atomically.
     """
     if not profiles:
@@ -94,20 +103,30 @@ def plot_profiles(
             ax.fill_between(f[keep], lo[keep], (y + ci)[keep], color=color, alpha=0.2, lw=0)
         ax.set_xscale(xscale)
         ax.set_yscale(yscale)
+        if xscale == "log":
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        if normalize == "white":
+            ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         ax.set_xlabel("radial frequency (" + ("cycles / input pixel" if units == "pixel"
                                                else "cycles / grid cell") + ")")
-        ax.set_ylabel({"total": "power / total power", "peak": "power / peak power",
+        ax.set_ylabel({"white": "power / mean power per cell (white = 1)",
+                       "total": "power / total power", "peak": "power / peak power",
                        "none": "power per ring"}[normalize])
         ax.set_title("Radially averaged power spectrum")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(frameon=False)
 
-        k = len(profiles[0].result["dct_energy"])
+        k = len(profiles[0].result["dct_band_energy"])
         width = 0.8 / len(profiles)
         x = np.arange(1, k + 1)
         for i, p in enumerate(profiles):
-            e = np.asarray(p.result["dct_energy"], dtype=float)
-            err = 1.96 * np.asarray(p.result.get("dct_energy_se", np.zeros_like(e)), dtype=float)
+            e = np.asarray(p.result["dct_band_energy"], dtype=float)
+            se = p.result.get("dct_band_energy_stderr")
+            err = 1.96 * (np.zeros_like(e) if se is None else np.asarray(se, dtype=float))
             bx.bar(x - 0.4 + width * (i + 0.5), e, width, yerr=err, color=f"C{i % 10}",
                    label=p.label, error_kw={"lw": 0.8})
         bx.set_yscale("log" if yscale == "log" else "linear")

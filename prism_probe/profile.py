@@ -166,6 +166,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         raise OutputError(f"{path.parent}: cannot write output here ({exc.strerror}); choose a "
                           "writable folder with --out") from None
     try:
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -53,7 +53,7 @@ def spectrum_table(profiles: Sequence[Profile]):
             m, lo, hi = summary(p, key)
             row.append(f"{fmt.format(m * mul)} [{fmt.format(lo * mul)}, "
                        f"{fmt.format(hi * mul)}]")
-        row.append(f"{p.result['dct_energy'][0]:.3f}")
+        row.append(f"{p.result['dct_band_energy'][0]:.3f}")
         table.add_row(*row)
     return table
 
