@@ -227,23 +227,34 @@ def _validate(name: str, raw: Mapping[str, Any], source: str) -> EncoderEntry:
     )
 
 
-def _resolve_bases(raws: dict[str, tuple[dict, str]]) -> dict[str, tuple[dict, str]]:
-    """Expand ``base: NAME`` by merging the named entry's fields (mappings one level deep)."""
+def _resolve_bases(layer: dict[str, tuple[dict, str]],
+                   earlier: dict[str, tuple[dict, str]]) -> dict[str, tuple[dict, str]]:
+    """Expand ``base: NAME`` by merging the named entry's fields (mappings one level deep).
+
+    ``NAME`` is looked up in the same file first, then in the files read before it; an entry
+    whose base is its own name starts from the earlier file's entry of that name (an override).
+    """
     out: dict[str, tuple[dict, str]] = {}
 
     def expand(name: str, stack: tuple[str, ...]) -> dict:
         if name in out:
             return out[name][0]
-        raw, source = raws[name]
+        raw, source = layer[name]
         if not isinstance(raw, Mapping) or "base" not in raw:
             out[name] = (raw, source)
             return raw
         base = raw["base"]
-        if base in stack or base == name:
+        if base == name and name in earlier:
+            parent = earlier[name][0]
+        elif base in stack or base == name:
             raise RegistryError(f"{source}: entry '{name}': 'base' chain loops through '{base}'")
-        if base not in raws:
+        elif base in layer:
+            parent = expand(base, stack + (name,))
+        elif base in earlier:
+            parent = earlier[base][0]
+        else:
             raise RegistryError(f"{source}: entry '{name}': 'base' names unknown entry '{base}'")
-        merged = copy.deepcopy(expand(base, stack + (name,)))
+        merged = copy.deepcopy(parent)
         for key, value in raw.items():
             if key == "base":
                 continue
@@ -254,7 +265,7 @@ def _resolve_bases(raws: dict[str, tuple[dict, str]]) -> dict[str, tuple[dict, s
         out[name] = (merged, source)
         return merged
 
-    for name in raws:
+    for name in layer:
         expand(name, ())
     return out
 
@@ -277,14 +288,15 @@ class Registry:
         paths += [str(p) for p in user_files]
         for path in paths:
             layers.append((path, _read_yaml(path)))
-        raws: dict[str, tuple[dict, str]] = {}
+        resolved: dict[str, tuple[dict, str]] = {}
         for source, encoders in layers:
+            layer = {}
             for name, raw in encoders.items():
                 if not isinstance(name, str) or not name or ":" in name or " " in name:
                     raise RegistryError(f"{source}: entry name {name!r} must be a non-empty "
                                         "string without ':' or spaces")
-                raws[name] = (raw, source)
-        resolved = _resolve_bases(raws)
+                layer[name] = (raw, source)
+            resolved.update(_resolve_bases(layer, resolved))
         entries = {name: _validate(name, raw, src) for name, (raw, src) in resolved.items()}
         return cls(entries, [p for p, _ in layers])
 
