@@ -144,6 +144,24 @@ class Encoder:
         }
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_dtype(entry: EncoderEntry, default: str = "float32") -> torch.dtype:
+    """The torch dtype named by ``options.dtype`` (float32, float16 or bfloat16)."""
+    name = str(entry.options.get("dtype", default))
+    if name not in _DTYPES:
+        raise PrismError(f"entry '{entry.name}': options.dtype {name!r} is not one of "
+                         f"{', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def place(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model in eval mode on ``device``, cast only when a dtype other than float32 is asked."""
+    model = model.eval().to(device)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
 def check_finite(fmap: FeatureMap, *, encoder: str, batch: int) -> None:
     """Refuse non-finite features, naming the encoder and batch (fp16 SDXL VAE is the known case)."""
     t = fmap.tensor

@@ -39,8 +39,8 @@ from .. import weights as W
 from ..errors import PrismError, RegistryError, WeightsError
 from ..registry import EncoderEntry
 from . import make_preprocess
-from .base import Encoder, FeatureMap
-from .timm_backend import model_dtype, vit_feature_fn, vit_split
+from .base import Encoder, FeatureMap, model_dtype, place
+from .timm_backend import vit_feature_fn, vit_split
 
 _RESIZE = {"shortest": "shorter", "squash": "squash"}
 
@@ -169,7 +169,7 @@ def build(entry: EncoderEntry, *, weights: W.ResolvedWeights, device, image_size
             kwargs["force_image_size"] = size
     dtype = model_dtype(entry)
     model = _create(entry, weights, kwargs, dirs)
-    visual = model.visual.eval().to(device=device, dtype=dtype)
+    visual = place(model.visual, device, dtype)
     del model  # the text tower is never used
 
     layer = entry.features.get("layer", "final")

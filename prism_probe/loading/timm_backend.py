@@ -50,21 +50,9 @@ from .. import weights as W
 from ..errors import PrismError, WeightsError
 from ..registry import EncoderEntry
 from . import make_preprocess
-from .base import Encoder, FeatureMap, tokens_to_grid
+from .base import Encoder, FeatureMap, model_dtype, place, tokens_to_grid
 
 log = logging.getLogger("prism_probe")
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def model_dtype(entry: EncoderEntry, default: str = "float32") -> torch.dtype:
-    """The torch dtype named by ``options.dtype`` (float32, float16 or bfloat16)."""
-    name = str(entry.options.get("dtype", default))
-    if name not in _DTYPES:
-        raise PrismError(f"entry '{entry.name}': options.dtype {name!r} is not one of "
-                         f"{', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
 
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -203,7 +191,7 @@ def build(entry: EncoderEntry, *, weights: W.ResolvedWeights, device, image_size
         # timm resamples pretrained position embeddings to the new grid.
         kwargs["img_size"] = size[0] if size[0] == size[1] else size
     dtype = model_dtype(entry)
-    model = _create(entry, weights, kwargs, dirs).eval().to(device=device, dtype=dtype)
+    model = place(_create(entry, weights, kwargs, dirs), device, dtype)
 
     cfg = timm.data.resolve_data_config({}, model=model)
     from ..data import Preprocess
