@@ -187,6 +187,11 @@ def measure_encoder(
     env = library_versions()
     env["device"] = str(encoder.device)
     env["world_size"] = dist.world_size
+    # The process layout: on CPU, batch size and intra-op thread count can change float sums
+    # (a different summation order), so a mismatch against a baseline should explain itself.
+    env["batch_size"] = batch_size
+    env["threads"] = torch.get_num_threads()
+    env["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
     return Profile(kind="spectrum", encoder=encoder.describe(), protocol=protocol,
                    images=images_info, result=result, environment=env)
 
@@ -226,6 +231,7 @@ def measure_spectra(
     """Measure each encoder on the same images; returns one :class:`Profile` per encoder.
 
     ``encoders`` None or empty: ``pixels`` and every entry whose weights are present locally.
+    ``seed`` also seeds the random weights of ``random:NAME`` encoders.
     """
     registry = registry or Registry.load()
     if not encoders:
@@ -241,8 +247,12 @@ def measure_spectra(
     profiles = []
     try:
         for spec in specs:
-            enc = load_encoder(spec, registry=registry, weights_dir=weights_dir, device=str(dev),
-                               image_size=image_size)
+            # Random weights come from torch's global generator: seed a forked one with
+            # ``seed`` so that a random:NAME profile is reproducible, leaving the caller's intact.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                enc = load_encoder(spec, registry=registry, weights_dir=weights_dir,
+                                   device=str(dev), image_size=image_size)
             profiles.append(measure_encoder(
                 enc, images, config=config, grid=grid, units=units, batch_size=batch_size,
                 workers=workers, dtype=dtype, progress=progress, dist=dist))
