@@ -225,7 +225,7 @@ def _integer_freqs(n: int, half: bool) -> np.ndarray:
 
 def _smallest_k(num: np.ndarray, den: int) -> np.ndarray:
     """Smallest integer k >= 0 with num <= (2k + 1)**2 * den, exactly (num, den integers)."""
-    k = np.ceil((np.sqrt(num / den) - 1.0) / 2.0).astype(np.int64)
+    k = np.ceil((np.sqrt((num / den).astype(np.float64)) - 1.0) / 2.0).astype(np.int64)
     k = np.maximum(k, 0)
     # Float rounding can miss by one near a ring edge; fix with exact integer comparisons.
     # Object arrays keep Python's unbounded ints where int64 could overflow (grids > ~1000).
@@ -242,6 +242,8 @@ def _ring_geometry(h: int, w: int, binning: str, half: bool):
     kx = _integer_freqs(w, half)[None, :]
     big_l = max(h, w)
     if binning == "physical":
+        if big_l**6 > 2**62:  # the exact comparisons below would overflow int64
+            ky, kx = ky.astype(object), kx.astype(object)
         # |f|^2 = ky^2/h^2 + kx^2/w^2; scaled by h^2 w^2 it is the integer q.
         q = ky**2 * w**2 + kx**2 * h**2
         den = (h * w) ** 2
@@ -253,8 +255,8 @@ def _ring_geometry(h: int, w: int, binning: str, half: bool):
         ring = np.rint(np.sqrt(r2)).astype(np.int64)  # no ties: r2 is an integer
         n_bins = big_l // 2 if big_l % 2 == 0 else big_l // 2 + 1
         in_ring = ring < n_bins
-    ring = np.where(in_ring, ring, n_bins)
-    radius = np.sqrt((ky / h) ** 2 + (kx / w) ** 2)
+    ring = np.where(in_ring, ring, n_bins).astype(np.int64)
+    radius = np.sqrt(((ky / h) ** 2 + (kx / w) ** 2).astype(np.float64))
     centers = np.arange(n_bins, dtype=np.float64) / big_l
     return ring, centers, np.broadcast_to(radius, ring.shape).copy()
 
@@ -287,8 +289,8 @@ def radial_frequencies(h: int, w: int, binning: str = "physical", *, half: bool 
     if h < 1 or w < 1 or h * w < 2:
         raise SpectrumInputError(f"a {h}x{w} grid has no spectrum; use at least 2 cells")
     ring, centers, _ = _ring_geometry(h, w, binning, half)
-    bin_index = torch.as_tensor(ring, device=device)
-    return bin_index, torch.as_tensor(centers, device=device), bin_index < len(centers)
+    bin_index = torch.tensor(ring, device=device)  # a copy: the cached array stays intact
+    return bin_index, torch.tensor(centers, device=device), bin_index < len(centers)
 
 
 def _rfft_column_weights(w: int) -> np.ndarray:
