@@ -210,6 +210,85 @@ def plot_cmd(
         typer.echo(str(p))
 
 
+@app.command("check")
+def check_cmd(
+    profile: Path = typer.Argument(..., help="Profile JSON to check (from `spectrum --out`, "
+                                   "`ablate` or `baseline`)."),
+    baseline: Path = typer.Option(..., "--baseline", help="The baseline profile it must match."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance of every "
+                                         "quantity (default 1e-4; log power: |Δln| ≤ rtol)."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (default "
+                                         "1e-7)."),
+    tolerances: Optional[Path] = typer.Option(None, "--tolerances", help="YAML of per-key "
+                                              "tolerances, e.g. 'power: {log_atol: 0.05}'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Compare a profile with a baseline: exit 0 agree, 1 drifted, 2 cannot be compared."""
+    try:
+        from .check import Tolerances, load_and_compare
+
+        result = load_and_compare(profile, baseline,
+                                  Tolerances.from_options(rtol, atol, tolerances))
+    except PrismError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=1, allow_nan=False))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if result.status != "ok":
+            console.print(result.table())
+        console.print(result.message(), markup=False, highlight=False)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("baseline")
+def baseline_cmd(
+    encoder: str = typer.Argument(..., help="Registry name (or random:NAME, pixels:P)."),
+    out: Path = typer.Option(..., "--out", help="Baseline JSON file to write or update."),
+    force: bool = typer.Option(False, "--force", help="Replace a baseline of another "
+                               "protocol or encoder entry."),
+    images: Optional[str] = ImagesOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N images (seeded "
+                                        "subsample, order kept)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --limit sampling and random weights."),
+    registry: Optional[List[Path]] = RegistryOpt,
+    weights: Optional[List[Path]] = WeightsOpt,
+    device: str = typer.Option("cpu", "--device", help="cpu (bit-for-bit reproducible), cuda or "
+                               "cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16, float16."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Pin torch's intra-op "
+                                          "threads (their count can change float sums)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Override the "
+                                             "encoder's input size (pixels)."),
+    grid: Optional[int] = typer.Option(None, "--grid", help="Pool the feature map to N×N."),
+    units: str = typer.Option("cell", "--units", help="cell or pixel."),
+    window: str = typer.Option("hann", "--window", help="hann or none."),
+    no_mean: bool = typer.Option(False, "--keep-mean", help="Do not subtract channel means."),
+    cutoff: float = typer.Option(0.125, "--cutoff", help="Low-band share cutoff, in --units."),
+    bands: int = typer.Option(10, "--bands", min=1, help="DCT zig-zag bands for e(k)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Measure one encoder reproducibly and write (or update) a baseline profile."""
+    _setup_logging(verbose)
+    try:
+        from .check import measure_baseline, write_baseline
+        from .spectra import SpectrumConfig
+
+        config = SpectrumConfig(window=None if window.lower() == "none" else window,
+                                remove_mean=not no_mean, n_dct_bands=bands, low_cutoff=cutoff)
+        profile = measure_baseline(
+            encoder, images, threads=threads, registry=_registry(registry), weights_dir=weights,
+            device=device, image_size=image_size, limit=limit, seed=seed, config=config,
+            grid=grid, units=units, batch_size=batch_size, dtype=dtype)
+        action = write_baseline(profile, out, force=force)
+    except PrismError as exc:
+        _fail(exc)
+    typer.echo(f"{action} {out} ({profile.label}, {profile.images['n_used']} images)")
+
+
 def main() -> None:
     """Entry point of the ``prism-probe`` script."""
     try:
