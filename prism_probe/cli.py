@@ -289,6 +289,91 @@ def baseline_cmd(
     typer.echo(f"{action} {out} ({profile.label}, {profile.images['n_used']} images)")
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise PrismError(f"{what} {text!r}: give comma-separated numbers, e.g. 0.05,0.1,0.2")
+
+
+@app.command("ablate")
+def ablate_cmd(
+    encoders: List[str] = typer.Argument(..., help="Registry names (random:NAME too); several "
+                                         "encoders share one table and one figure."),
+    mode: str = typer.Option("input", "--mode", help="input: filter the images (cutoffs in "
+                             "cycles per input pixel); feature: filter the map at --layer and "
+                             "continue the forward pass; latent: filter an autoencoder's "
+                             "latent and decode (cutoffs in cycles per cell)."),
+    bands: str = typer.Option("low,high", "--bands", help="Comma-separated: low, high, all."),
+    cutoffs: str = typer.Option("0,0.05,0.1,0.2,0.3,0.5", "--cutoffs", help="Radial cutoffs; "
+                                "a low-pass keeps |f| <= cutoff, a high-pass the rest."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Split point for --mode feature "
+                                        "(layer1/layer2 for CIFAR ResNets, blocks.K for ViTs); "
+                                        "the last map before a global pool is refused."),
+    domain: str = typer.Option("fft", "--domain", help="fft (radial rings) or dct."),
+    transition: float = typer.Option(0.0, "--transition", help="Raised-cosine width, in cutoff "
+                                     "units (0: ideal mask)."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Labeled ImageFolder for the kNN "
+                                         "bank and the linear probe (unablated)."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Labeled ImageFolder to ablate "
+                                        "and score (own head, kNN, probe, cosine)."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", help="Use a seeded subset of "
+                                            "N images per class of --train/--test."),
+    images: Optional[str] = ImagesOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N --images (seeded "
+                                        "subsample, order kept)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for subsets and the linear probe."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write ablation profiles and the "
+                                       "figure here."),
+    registry: Optional[List[Path]] = RegistryOpt,
+    weights: Optional[List[Path]] = WeightsOpt,
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16, float16."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="Image decoding processes."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Pin torch's intra-op "
+                                          "threads (1 is fastest on a busy CPU)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Override every "
+                                             "encoder's input size (pixels)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profiles as JSON on stdout."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Remove a band of spatial frequencies and measure what is lost (score vs cutoff)."""
+    _setup_logging(verbose, quiet=as_json)
+    try:
+        from .measure import is_main_process
+        from .plot_ablation import ablation_table, write_ablation_outputs
+        from .probes import AblationConfig, run_ablation
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        config = AblationConfig(mode=mode, bands=tuple(b for b in bands.split(",") if b),
+                                cutoffs=tuple(_floats(cutoffs, "--cutoffs")), layer=layer,
+                                domain=domain, transition=transition, seed=seed)
+        progress = _progress(not as_json and is_main_process())
+        with progress or nullcontext():
+            profiles = run_ablation(
+                encoders, config, test=test, train=train, images=images, per_class=per_class,
+                limit=limit, seed=seed, registry=_registry(registry), weights_dir=weights,
+                device=device, image_size=image_size, batch_size=batch_size, workers=workers,
+                dtype=dtype, progress=progress)
+        if not is_main_process():
+            return
+        written = write_ablation_outputs(profiles, out) if out else []
+    except PrismError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
+    else:
+        from rich.console import Console
+
+        Console().print(ablation_table(profiles))
+    for path in written:
+        log.info("wrote %s", path)
+
+
 def main() -> None:
     """Entry point of the ``prism-probe`` script."""
     try:
