@@ -105,10 +105,10 @@ def test_taef2_reconstruction_beats_wrong_architectures(taef2, photos128, shared
         assert wrong < TAEF2_PSNR_MIN and wrong < right - WRONG_GAP, (arch, wrong, right)
 
 
-def test_taef2_decode_keeps_gradients_to_the_latent(taef2, photos128):
-    z = taef2.encode(photos128[:1]).tensor.requires_grad_(True)
+def test_taef2_decode_keeps_gradients_to_the_latent(taef2):
+    z = torch.randn(1, 32, 8, 8, requires_grad=True)
     img = taef2.decode(z)
-    assert img.shape == (1, 3, 128, 128)
+    assert img.shape == (1, 3, 64, 64)
     assert 0 <= float(img.detach().min()) and float(img.detach().max()) <= 1
     img.mean().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()

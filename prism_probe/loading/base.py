@@ -116,7 +116,8 @@ class Encoder:
         return self._decode(latent.to(self.device))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
-        """The model's own classifier head applied to the last feature map (logits)."""
+        """The model's own classifier head (logits) applied to the last feature map or, where the
+        backend allows it (cifar_resnet), to the pooled features that ``split``'s tail returns."""
         if self._head is None:
             raise PrismError(f"encoder '{self.label}' has no classifier head of its own; use "
                              "--train/--test folders for kNN or a linear probe")
