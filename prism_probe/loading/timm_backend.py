@@ -39,7 +39,6 @@ An ablation filters ``tokens[:, P:]`` (reshaped to the grid) and leaves the pref
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import timm
@@ -52,7 +51,6 @@ from ..registry import EncoderEntry
 from . import make_preprocess
 from .base import Encoder, FeatureMap, model_dtype, place, tokens_to_grid
 
-log = logging.getLogger("prism_probe")
 
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
