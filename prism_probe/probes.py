@@ -448,6 +448,15 @@ def _refuse_pooled(encoder: Encoder, layer: str) -> None:
             "use --mode input")
 
 
+def check_encoder(encoder: Encoder, config: AblationConfig) -> None:
+    """Refuse, before any image is read, an ablation this encoder cannot support."""
+    if config.mode == "latent" and not encoder.has_decoder:
+        encoder.decode(torch.zeros(1))  # raises the backend's own explanation
+    if config.mode == "feature":
+        _refuse_pooled(encoder, config.layer)
+        encoder.split(config.layer)  # an unknown split point fails here, naming the choices
+
+
 class _Runner:
     """Encoder-specific pieces: pooled features and logits from pixels or a split map."""
 
@@ -594,8 +603,6 @@ def _latent(encoder: Encoder, config: AblationConfig, test: LabeledImages, *, ba
             workers, amp, dist, progress):
     from .spectra import SpectrumConfig, radial_power_spectrum
 
-    if not encoder.has_decoder:
-        encoder.decode(torch.zeros(1))  # raises the backend's own explanation
     spec_cfg = SpectrumConfig()
     tally = _Tally()
     spectra: dict[str, Tensor] = {}
@@ -717,6 +724,7 @@ def ablate_encoder(
         has one entry per (band, cutoff) with ``scores`` of the same names. Accuracies are in
         %, cosine in [-1, 1], PSNR in dB, SSIM in [0, 1].
     """
+    check_encoder(encoder, config)
     dist = dist or Distributed()
     test = _as_labeled(test, None, 0)
     amp, dtype_used = _autocast(encoder.device, dtype)
