@@ -443,9 +443,9 @@ def _refuse_pooled(encoder: Encoder, layer: str) -> None:
     if layer == _last_split_point(encoder):
         raise PrismError(
             f"--layer {layer}: this is the last map of '{encoder.label}' before its global pool, "
-            "and the pool only sees each channel's mean (a low-pass changes nothing, a high-pass "
-            "only removes the mean), so this is not a probe; choose an earlier split point, or "
-            "use --mode input")
+            "and the pool only sees each channel's mean (a CLS-token pool not even that), so a "
+            "low-pass changes nothing and a high-pass only removes the mean: not a probe; choose "
+            "an earlier split point, or use --mode input")
 
 
 def check_encoder(encoder: Encoder, config: AblationConfig) -> None:

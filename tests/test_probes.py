@@ -249,6 +249,34 @@ def test_pooled_last_map_is_refused(resnets):
         ablate_encoder(resnets["resnet20-cifar"], cfg, [])
 
 
+def test_vit_split_filters_patch_tokens_only(tmp_path):
+    # A random-weight 3-block ViT-Tiny at 64 px (4×4 patch grid, one CLS token): enough to run
+    # the token path of feature ablation without downloading anything.
+    from prism_probe.data import collect_images
+    from prism_probe.loading import load_encoder
+    from prism_probe.registry import Registry
+
+    yaml = tmp_path / "tiny.yaml"
+    yaml.write_text("version: 1\nencoders:\n  tiny-vit:\n    family: semantic\n"
+                    "    backend: timm\n    id: vit_tiny_patch16_224\n"
+                    "    input: {size: 64, resize: shorter}\n    features: {layer: final}\n"
+                    "    options: {img_size: 64, depth: 3}\n    weights: {}\n"
+                    "    description: test\n")
+    enc = load_encoder("random:tiny-vit", registry=Registry.load([yaml]), device="cpu")
+    images = collect_images(None, limit=4)
+    cfg = AblationConfig(mode="feature", layer="blocks.1", bands=("all", "low", "high"),
+                         cutoffs=(0.0, 0.71))
+    p = ablate_encoder(enc, cfg, images, batch_size=4)
+    got = rows(p)
+    assert p.protocol["feature_grid"] == [4, 4] and p.protocol["stride_px"] == 16.0
+    assert got[("all", None)]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert got[("low", 0.71)]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert got[("low", 0.0)]["cosine"] < 0.9999
+    with pytest.raises(PrismError, match="last map of 'random:tiny-vit' before its global"):
+        ablate_encoder(enc, AblationConfig(mode="feature", layer="blocks.3", bands=("low",),
+                                           cutoffs=(0.1,)), images)
+
+
 # --------------------------------------------------------------------------------------------
 # Real weights: taef2 latent ablation
 
