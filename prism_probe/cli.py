@@ -367,9 +367,7 @@ def ablate_cmd(
     if as_json:
         typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
     else:
-        from rich.console import Console
-
-        Console().print(ablation_table(profiles))
+        _stdout_console().print(ablation_table(profiles))
     for path in written:
         log.info("wrote %s", path)
 
