@@ -72,6 +72,16 @@ def _fail(exc: PrismError) -> None:
     raise typer.Exit(getattr(exc, "exit_code", 2))
 
 
+INTERRUPTED = ("prism-probe: interrupted; outputs already written are complete, nothing "
+               "half-written was left")
+
+
+def _interrupted() -> None:
+    # Typer turns KeyboardInterrupt into a silent exit 130; say what state the outputs are in.
+    typer.echo(INTERRUPTED, err=True)
+    raise typer.Exit(130)
+
+
 def _progress(enabled: bool):
     if not enabled:
         return None
@@ -148,30 +158,42 @@ def spectrum_cmd(
                                  "spatial mean."),
     cutoff: float = typer.Option(0.125, "--cutoff", help="Low-band share cutoff, in --units."),
     bands: int = typer.Option(10, "--bands", min=1, help="DCT zig-zag bands for e(k)."),
+    dedupe: bool = typer.Option(False, "--dedupe", help="Drop files whose content repeats an "
+                                "earlier file's (duplicates are reported either way)."),
+    max_pixels: Optional[int] = typer.Option(
+        None, "--max-pixels", min=0, help="Skip images whose header claims more pixels "
+        "(decompression-bomb guard; default 178956970); 0: Pillow's own limit only."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Measure and compare the spectra of encoders' feature maps on a set of images."""
     _setup_logging(verbose, quiet=as_json)
     try:
+        from .data import DEFAULT_MAX_PIXELS
         from .measure import is_main_process, measure_spectra
+        from .profile import ensure_writable
         from .report import spectrum_table, write_outputs
         from .spectra import SpectrumConfig
 
         config = SpectrumConfig(window=None if window.lower() == "none" else window,
                                 remove_mean=not no_mean, n_dct_bands=bands, low_cutoff=cutoff)
+        if out and is_main_process():
+            ensure_writable(out)  # fail now, not after a long measurement
         progress = _progress(not as_json and is_main_process())
         with progress or nullcontext():
             profiles = measure_spectra(
                 encoders, images, registry=_registry(registry), weights_dir=weights,
                 device=device, image_size=image_size, limit=limit, seed=seed, config=config,
                 grid=grid, units=units, batch_size=batch_size, workers=workers, dtype=dtype,
-                progress=progress)
+                progress=progress, dedupe=dedupe,
+                max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels or None)
         if not is_main_process():
             return
         written = write_outputs(profiles, out) if out else []
     except PrismError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted()
     if as_json:
         typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
     else:
@@ -376,9 +398,8 @@ def main() -> None:
     """Entry point of the ``prism-probe`` script."""
     try:
         app()
-    except KeyboardInterrupt:
-        typer.echo("prism-probe: interrupted; outputs already written are complete, nothing "
-                   "half-written was left", err=True)
+    except KeyboardInterrupt:  # outside a command (Typer handles it inside them)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
 
 

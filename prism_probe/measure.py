@@ -23,13 +23,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .data import ImageList, collect_images, iterate_batches
+from .data import DEFAULT_MAX_PIXELS, ImageList, collect_images, iterate_batches
 from .errors import NumericsError, PrismError
 from .loading import load_encoder, resolve_device
-from .loading.base import Encoder, check_finite
+from .loading.base import Encoder, FeatureMap, check_finite
 from .profile import Profile, library_versions
 from .registry import Registry, parse_spec
-from .spectra import SpectrumAccumulator, SpectrumConfig
+from .spectra import SpectrumAccumulator, SpectrumConfig, SpectrumInputError
 
 log = logging.getLogger("prism_probe")
 
@@ -103,6 +103,39 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch_dtype), dtype
 
 
+def _encode_in_chunks(encoder: Encoder, pixels: torch.Tensor, chunk: int,
+                      amp) -> tuple[FeatureMap, int]:
+    """Encode ``pixels`` in pieces of at most ``chunk`` images, halving ``chunk`` on CUDA OOM.
+
+    Returns the feature map of the whole batch and the chunk size that fitted, which the caller
+    keeps for later batches (memory use does not shrink between batches). Spectra are per-image
+    sums, so splitting a batch changes nothing but the summation order.
+    """
+    while True:
+        try:
+            parts = []
+            for start in range(0, len(pixels), chunk):
+                with amp:
+                    parts.append(encoder.encode(pixels[start:start + chunk]))
+            if len(parts) == 1:
+                return parts[0], chunk
+            first = parts[0]
+            first.tensor = torch.cat([f.tensor for f in parts])
+            return first, chunk
+        except torch.cuda.OutOfMemoryError:
+            parts = []
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if chunk == 1:
+                raise PrismError(
+                    f"encoder '{encoder.label}' ran out of GPU memory on {encoder.device} even "
+                    "with one image per batch; use a smaller --image-size, --dtype bfloat16, "
+                    "another GPU (--device cuda:N) or --device cpu") from None
+            chunk = max(1, chunk // 2)
+            log.warning("%s: out of GPU memory; retrying with batches of %d images",
+                        encoder.label, chunk)
+
+
 def measure_encoder(
     encoder: Encoder,
     images: ImageList,
@@ -115,29 +148,42 @@ def measure_encoder(
     dtype: str = "auto",
     progress=None,
     dist: Distributed | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Profile:
     """Measure one loaded encoder on ``images`` and return its profile.
 
     ``units`` only changes how frequencies are reported: ``"cell"`` (cycles per grid cell) or
     ``"pixel"`` (cycles per input pixel = cycles per cell ÷ stride). ``config.low_cutoff`` is
-    read in those units.
+    read in those units. ``max_pixels`` is the decompression-bomb guard of
+    :func:`prism_probe.data.read_image` (None: Pillow's own limit only). A CUDA out-of-memory
+    error halves the batch and retries, down to one image per batch.
     """
+    if grid is not None and grid < 2:
+        raise PrismError(f"--grid {grid}: a {grid}×{grid} grid has no spatial frequencies, so "
+                         "no spectrum; use --grid 2 or more")
     if units not in UNITS:
         raise PrismError(f"--units {units}: use 'cell' (cycles per grid cell) or 'pixel' "
                          "(cycles per input pixel)")
     dist = dist or Distributed()
     amp, dtype_used = _autocast(encoder.device, dtype)
     stream = iterate_batches(images, encoder.preprocess, batch_size=batch_size, workers=workers,
-                             rank=dist.rank, world_size=dist.world_size)
+                             rank=dist.rank, world_size=dist.world_size,
+                             max_pixels=max_pixels)
     acc: SpectrumAccumulator | None = None
     first = None
     task = progress.add_task(encoder.label, total=stream.n_total) if progress else None
+    chunk = batch_size
     for b, batch in enumerate(stream):
-        with amp:
-            fmap = encoder.encode(batch.pixels)
+        fmap, chunk = _encode_in_chunks(encoder, batch.pixels, chunk, amp)
         fmap.tensor = fmap.tensor.float()
         check_finite(fmap, encoder=encoder.label, batch=b)
         if first is None:
+            h, w = fmap.grid
+            if h * w < 2:
+                raise NumericsError(
+                    f"encoder '{encoder.label}' gives a {h}×{w} feature grid (layer "
+                    f"{fmap.layer}) at input {'×'.join(map(str, encoder.preprocess.size))} px: "
+                    "one cell has no spectrum; use a larger --image-size or an earlier layer")
             first = fmap
             stride = fmap.stride
             if grid is not None:
@@ -149,7 +195,13 @@ def measure_encoder(
                     **config.__dict__, "low_cutoff": config.low_cutoff * stride,
                     "slope_range": tuple(f * stride for f in config.slope_range)})
             acc = SpectrumAccumulator(cell_cfg)
-        acc.update(pool_to_grid(fmap.tensor, grid))
+        try:
+            acc.update(pool_to_grid(fmap.tensor, grid))
+        except SpectrumInputError as exc:
+            # The spectra module speaks in API terms (slope_range); say which encoder, and what
+            # a command-line user can change.
+            raise NumericsError(f"encoder '{encoder.label}': {exc}; a larger --image-size (or "
+                                "an earlier layer) gives a finer grid") from None
         if progress:
             progress.update(task, advance=len(batch) + len(batch.skipped))
 
@@ -183,7 +235,7 @@ def measure_encoder(
         "dtype": dtype_used,
     }
     images_info = {**images.to_dict(), "n_used": n_read, "n_skipped": len(skipped),
-                   "skipped": skipped}
+                   "skipped": skipped, "duplicates": [list(g) for g in images.duplicates]}
     env = library_versions()
     env["device"] = str(encoder.device)
     env["world_size"] = dist.world_size
@@ -227,11 +279,15 @@ def measure_spectra(
     workers: int = 0,
     dtype: str = "auto",
     progress=None,
+    dedupe: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[Profile]:
     """Measure each encoder on the same images; returns one :class:`Profile` per encoder.
 
     ``encoders`` None or empty: ``pixels`` and every entry whose weights are present locally.
-    ``seed`` also seeds the random weights of ``random:NAME`` encoders.
+    ``seed`` also seeds the random weights of ``random:NAME`` encoders. ``dedupe`` drops files
+    whose content repeats an earlier one's (duplicates are reported either way); ``max_pixels``
+    is the decompression-bomb guard (see :func:`measure_encoder`).
     """
     registry = registry or Registry.load()
     if not encoders:
@@ -241,7 +297,7 @@ def measure_spectra(
                         "or name them to download", len(left), ", ".join(left))
     specs = [parse_spec(e, registry) for e in encoders]  # validate all names before any work
     if not isinstance(images, ImageList):
-        images = collect_images(images, limit=limit, seed=seed)
+        images = collect_images(images, limit=limit, seed=seed, dedupe=dedupe)
     dev = resolve_device(device)
     dist = Distributed.from_env(dev)
     profiles = []
@@ -255,7 +311,8 @@ def measure_spectra(
                                    device=str(dev), image_size=image_size)
             profiles.append(measure_encoder(
                 enc, images, config=config, grid=grid, units=units, batch_size=batch_size,
-                workers=workers, dtype=dtype, progress=progress, dist=dist))
+                workers=workers, dtype=dtype, progress=progress, dist=dist,
+                max_pixels=max_pixels))
             del enc
     finally:
         dist.close()

@@ -152,6 +152,38 @@ def _jsonable(obj: Any):
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, because two threads doing
+    # the set-and-restore at the same time can leave the process with a umask of 0.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _cannot_write(where: Path, exc: OSError) -> OutputError:
+    return OutputError(f"{where}: cannot write output here ({exc.strerror or exc}); choose a "
+                       "writable folder with --out")
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be created in it, before any long run.
+
+    Raises :class:`OutputError` (one line) when it cannot; leaves nothing behind.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".prism-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise _cannot_write(folder, exc) from None
+    return folder
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
@@ -163,21 +195,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise OutputError(f"{path.parent}: cannot write output here ({exc.strerror}); choose a "
-                          "writable folder with --out") from None
+        raise _cannot_write(path.parent, exc) from None
     try:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # disk full, target is a folder, ...: one line, old file kept
+            raise _cannot_write(path, exc) from None
         raise
     return path
 

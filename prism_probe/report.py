@@ -8,9 +8,14 @@ from typing import Sequence
 from .profile import Profile, profile_filename
 
 
-def summary(profile: Profile, key: str) -> tuple[float, float, float]:
-    """(mean, low, high) of a per-image summary: its mean and 95 % interval over images."""
+def summary(profile: Profile, key: str) -> tuple[float, float, float] | None:
+    """(mean, low, high) of a per-image summary: its mean and 95 % interval over images.
+
+    None when no image had power to summarise (every map constant, e.g. blank images).
+    """
     s = profile.result["summaries"][key]
+    if s["mean"] is None or s["ci95"] is None:
+        return None
     lo, hi = s["ci95"]
     return s["mean"], lo, hi
 
@@ -50,7 +55,11 @@ def spectrum_table(profiles: Sequence[Profile]):
         scale = 1.0 / pr["stride_px"] if units == "pixel" else 1.0
         for key, mul, fmt in (("low_band_share", 1.0, "{:.3f}"), ("centroid", scale, "{:.3f}"),
                               ("slope", 1.0, "{:.2f}")):
-            m, lo, hi = summary(p, key)
+            stats = summary(p, key)
+            if stats is None:
+                row.append("n/a (zero power)")
+                continue
+            m, lo, hi = stats
             row.append(f"{fmt.format(m * mul)} [{fmt.format(lo * mul)}, "
                        f"{fmt.format(hi * mul)}]")
         row.append(f"{p.result['dct_band_energy'][0]:.3f}")
