@@ -58,11 +58,15 @@ def ablation_table(profiles: Sequence[Profile]):
         return Table(title="no ablation profiles")
     p0 = profiles[0]
     names = scores_of(profiles)
-    title = (f"Band ablation — mode {p0.protocol['ablation']['mode']}, cutoffs in "
-             f"{p0.result['units']}, domain {p0.protocol['ablation']['domain']}")
-    table = Table(title=title, caption="accuracies in %, on the images named in the profile")
-    for col in ("encoder", "band", "cutoff"):
-        table.add_column(col)
+    short = {"cycles per input pixel": "cycles/px", "cycles per cell": "cycles/cell",
+             "cycles per latent cell": "cycles/latent cell"}.get(p0.result["units"],
+                                                                  p0.result["units"])
+    title = (f"Band ablation — {p0.protocol['ablation']['mode']}, "
+             f"{p0.protocol['ablation']['domain']}")
+    table = Table(title=title, caption=f"cutoffs in {p0.result['units']}; accuracies in %")
+    table.add_column("encoder")
+    table.add_column("band")
+    table.add_column(f"cutoff ({short})", no_wrap=True)
     for name in names:
         table.add_column(name, justify="right")
     for p in profiles:
@@ -104,8 +108,10 @@ def plot_ablation(profiles: Sequence[Profile], out: str | Path, *, pdf: bool = F
     import matplotlib.pyplot as plt
 
     p0 = profiles[0]
-    ncol = min(len(names), 3)
-    nrow = (len(names) + ncol - 1) // ncol
+    spectra = p0.result.get("spectra")
+    n_panels = len(names) + (1 if spectra else 0)
+    ncol = min(n_panels, 3)
+    nrow = (n_panels + ncol - 1) // ncol
     with plt.rc_context({"font.size": font_size}):
         fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 3.2 * nrow), squeeze=False)
         for ax, name in zip(axes.flat, names):
@@ -124,7 +130,9 @@ def plot_ablation(profiles: Sequence[Profile], out: str | Path, *, pdf: bool = F
             ax.set_xlabel(f"cutoff ({p0.result['units']})")
             ax.set_ylabel(SCORES[name])
             ax.grid(True, alpha=0.3)
-        for ax in list(axes.flat)[len(names):]:
+        if spectra:
+            _plot_spectra(axes.flat[len(names)], p0)
+        for ax in list(axes.flat)[n_panels:]:
             ax.axis("off")
         axes.flat[0].legend(frameon=False, fontsize=font_size * 0.8)
         mode = p0.protocol["ablation"]["mode"]
@@ -145,6 +153,30 @@ def plot_ablation(profiles: Sequence[Profile], out: str | Path, *, pdf: bool = F
             written.append(atomic_write_bytes(path, buf.getvalue()))
         plt.close(fig)
     return written
+
+
+def _plot_spectra(ax, profile: Profile) -> None:
+    """Radial spectra of the images, the unablated and the low-passed reconstructions."""
+    import numpy as np
+
+    sp = profile.result["spectra"]
+    f = np.asarray(sp["freqs_pixel"], dtype=float)
+    keep = f > 0
+    power = sp["power"]
+    low = sorted((float(k.split("@")[1]), k) for k in power if k.startswith("low@"))
+    ax.plot(f[keep], np.asarray(power["image"])[keep], "k-", lw=2, label="images")
+    ax.plot(f[keep], np.asarray(power["unablated"])[keep], "k:", lw=1.5,
+            label="reconstruction")
+    for i, (cut, key) in enumerate(low):
+        ax.plot(f[keep], np.asarray(power[key])[keep], color=f"C{i % 10}", lw=1,
+                label=f"low-pass {cut:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("radial frequency (cycles / image pixel)")
+    ax.set_ylabel("power per ring")
+    ax.set_title(f"{profile.label}: reconstructions' spectra", fontsize="medium")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(frameon=False, fontsize="x-small")
 
 
 def write_ablation_outputs(profiles: Sequence[Profile], out: str | Path) -> list[Path]:

@@ -310,3 +310,28 @@ def test_latent_ablation_needs_a_decoder(resnets):
     cfg = AblationConfig(mode="latent", bands=("low",), cutoffs=(0.1,))
     with pytest.raises(PrismError, match="no decoder"):
         ablate_encoder(resnets["resnet20-cifar"], cfg, [])
+
+
+def test_cli_ablate_writes_profile_and_figure(tmp_path, cifar_dir, shared_weights):
+    from typer.testing import CliRunner
+
+    from prism_probe.cli import app
+    from prism_probe.profile import Profile
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [
+        "ablate", "resnet20-cifar", "--mode", "input", "--bands", "all,low",
+        "--cutoffs", "0,0.71", "--test", str(cifar_dir / "test"), "--per-class", "2",
+        "--weights", str(shared_weights), "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "cutoff (cycles/px)" in res.output and "head_top1" in res.output
+    p = Profile.load(out / "ablation-resnet20-cifar.json")
+    assert p.kind == "ablation" and p.images["n_used"] == 20
+    assert rows(p)[("low", 0.71)]["head_top1"] == p.result["unablated"]["head_top1"]
+    assert (out / "ablation.png").stat().st_size > 10_000 and (out / "ablation.pdf").exists()
+
+    res = CliRunner().invoke(app, [
+        "ablate", "resnet20-cifar", "--mode", "feature", "--layer", "layer3",
+        "--test", str(cifar_dir / "test"), "--per-class", "1",
+        "--weights", str(shared_weights), "--device", "cpu"])
+    assert res.exit_code == 2 and "global pool" in res.output
