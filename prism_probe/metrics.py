@@ -13,8 +13,6 @@ sigma=1.5, use_sample_covariance=False, data_range=1)`` computes.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -129,7 +127,3 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, *, window: int = SSIM_WI
     smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return smap.mean(dim=(1, 2, 3))
 
-
-def psnr_from_mse(err: float, data_range: float = 1.0) -> float:
-    """PSNR in dB of a mean squared error (``inf`` for 0), for aggregating MSE over images."""
-    return math.inf if err <= 0 else 10.0 * math.log10(data_range ** 2 / err)
