@@ -644,11 +644,18 @@ def _latent(encoder: Encoder, config: AblationConfig, test: LabeledImages, *, ba
             progress.update(task, advance=len(batch) + len(batch.skipped))
 
     total, summed = _Tally(), {}
-    for part_tally, part_spectra in dist.gather((tally, spectra)):
+    grid = (list(latent.shape[1:]), fmap.stride) if freqs is not None else None
+    parts = dist.gather((tally, spectra, freqs, grid))
+    for part_tally, part_spectra, _, _ in parts:
         total.merge(part_tally)
         for k, v in part_spectra.items():
             summed[k] = summed.get(k, 0) + v
     n_read = sum(dist.gather(stream.n_read))
+    # A rank whose shard was empty or unreadable takes the geometry from one that read images.
+    found = [(f, g) for _, _, f, g in parts if f is not None]
+    if not found:
+        raise PrismError(f"no image could be read for '{encoder.label}': {stream.summary()}")
+    freqs, ((channels, *latent_grid), stride) = found[0]
     mean_spectra = {k: (v / n_read).tolist() for k, v in summed.items()}
     means = total.means()
     high = freqs > HIGH_SHARE_FROM
@@ -657,8 +664,7 @@ def _latent(encoder: Encoder, config: AblationConfig, test: LabeledImages, *, ba
         share = float(power[high].sum() / power.sum()) if power.sum() > 0 else 0.0
         means["unablated|image_spectrum_high_share" if key == "image"
               else f"{key}|spectrum_high_share"] = share
-    info = {"latent_grid": list(latent.shape[-2:]), "latent_channels": int(latent.shape[1]),
-            "stride_px": fmap.stride,
+    info = {"latent_grid": latent_grid, "latent_channels": int(channels), "stride_px": stride,
             "spectra": {"freqs_pixel": freqs.tolist(), "power": mean_spectra,
                         "config": spec_cfg.to_dict(),
                         "note": "radial power spectrum of images in [0, 1], channels "
