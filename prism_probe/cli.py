@@ -394,6 +394,65 @@ def ablate_cmd(
         log.info("wrote %s", path)
 
 
+@app.command("train-uae")
+def train_uae_cmd(
+    out: Path = typer.Option(..., "--out", help="Run folder (config, metrics.jsonl, grids, "
+                             "checkpoints)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="tiny-cpu or paper-dinov2-b."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the "
+                                          "preset."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE override, e.g. "
+                                             "optim.lr=1e-4 or stages.0.steps=50 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop (with a "
+                                             "checkpoint) after this many steps in total."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Train a UAE (staged: decoder warm-up, joint with semantic loss, adversarial).
+
+    Runs under torchrun as well: torchrun --nproc_per_node N --no-python prism-probe train-uae …
+    """
+    _setup_logging(verbose)
+    try:
+        from .uae.train import resolve_config, train
+
+        cfg = resolve_config(preset, config, list(sets or []))
+        train(cfg, out, resume=resume, stop_after=stop_after)
+    except PrismError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted()
+
+
+@app.command("eval-uae")
+def eval_uae_cmd(
+    run: Path = typer.Argument(..., help="A run folder written by train-uae."),
+    images: Optional[str] = ImagesOpt,
+    fd_encoder: Optional[str] = typer.Option(None, "--fd-encoder", help="Registered encoder "
+                                             "whose features the Fréchet distance uses "
+                                             "(default: the run's encoder)."),
+    weights: Optional[List[Path]] = WeightsOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many images."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results (JSON) and the "
+                                       "band-wise reconstruction grid (PNG) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """PSNR, SSIM, Fréchet distance and band-wise reconstructions of a trained UAE."""
+    _setup_logging(False, quiet=as_json)
+    try:
+        from .uae.eval import evaluate_run, format_results
+
+        result = evaluate_run(run, images, fd_encoder=fd_encoder, weights_dir=weights,
+                              limit=limit, batch_size=batch_size, out=out, device=device)
+    except PrismError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted()
+    typer.echo(json.dumps(result, indent=1) if as_json else format_results(result))
+
+
 def main() -> None:
     """Entry point of the ``prism-probe`` script."""
     try:

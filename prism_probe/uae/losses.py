@@ -93,8 +93,11 @@ class FeaturePerceptual(nn.Module):
         return [head(x) for head in self.heads]
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Distance (B,) of reconstructions ``x`` to targets ``y``; no gradient flows to ``y``."""
         total = x.new_zeros(x.shape[0])
-        for fx, fy in zip(self._maps(x), self._maps(y)):
+        with torch.no_grad():
+            target = self._maps(y)
+        for fx, fy in zip(self._maps(x), target):
             total = total + (_unit(fx) - _unit(fy)).pow(2).sum(1).flatten(1).mean(1)
         return total
 
