@@ -123,9 +123,14 @@ def encoders_cmd(
     for col in ("name", "family", "backend", "identifier", "input", "layer", "weights"):
         table.add_column(col)
     for r in rows:
-        size = r["input"]["size"]
-        table.add_row(r["name"], r["family"], r["backend"], str(r["id"] or ""),
-                      f"{size} px" if isinstance(size, int) else f"{size[0]}×{size[1]} px",
+        size = r["input"].get("size")
+        if size is None:  # sequence entries are bounded by tokens, not pixels
+            shown = f"≤{r['input'].get('max_tokens')} tokens"
+        else:
+            shown = f"{size} px" if isinstance(size, int) else f"{size[0]}×{size[1]} px"
+            if r["input"].get("frames"):
+                shown += f", {r['input']['frames']} frames"
+        table.add_row(r["name"], r["family"], r["backend"], str(r["id"] or ""), shown,
                       str(r["features"].get("layer", "")), mark[r["weights_present"]])
     _stdout_console().print(table)
 
@@ -158,6 +163,19 @@ def spectrum_cmd(
                                  "spatial mean."),
     cutoff: float = typer.Option(0.125, "--cutoff", help="Low-band share cutoff, in --units."),
     bands: int = typer.Option(10, "--bands", min=1, help="DCT zig-zag bands for e(k)."),
+    video: Optional[List[str]] = typer.Option(
+        None, "--video", help="Video files or frame folders (one clip each): video entries "
+        "encode clips, image entries run per frame (docs/modalities.md)."),
+    synthetic_motion: Optional[str] = typer.Option(
+        None, "--synthetic-motion", help="pan or zoom: clips made from the --images stills by "
+        "a known camera motion."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Frames per clip "
+                                         "(default: the first video entry's, else 16)."),
+    frame_step: int = typer.Option(1, "--frame-step", min=1, help="Decoded frames between "
+                                   "clip frames."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file (one sequence per "
+                                        "line) or FASTA: sequence entries, spectra along "
+                                        "tokens per layer."),
     dedupe: bool = typer.Option(False, "--dedupe", help="Drop files whose content repeats an "
                                 "earlier file's (duplicates are reported either way)."),
     max_pixels: Optional[int] = typer.Option(
@@ -180,6 +198,26 @@ def spectrum_cmd(
         if out and is_main_process():
             ensure_writable(out)  # fail now, not after a long measurement
         progress = _progress(not as_json and is_main_process())
+        if video or synthetic_motion or text is not None:
+            from .modalities import run_spectrum
+
+            with progress or nullcontext():
+                profiles, table, written = run_spectrum(
+                    encoders, video=video, synthetic_motion=synthetic_motion, text=text,
+                    frames=frames, frame_step=frame_step, images=images, limit=limit,
+                    seed=seed, out=out, registry=_registry(registry), weights_dir=weights,
+                    device=device, batch_size=min(batch_size, 8), window=config.window,
+                    remove_mean=not no_mean, bands=bands, cutoff=cutoff, progress=progress,
+                    image_options={"grid": grid, "units": units, "image_size": image_size,
+                                   "dedupe": dedupe, "max_pixels": max_pixels,
+                                   "workers": workers})
+            if as_json:
+                typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
+            else:
+                _stdout_console().print(table)
+            for path in written:
+                log.info("wrote %s", path)
+            return
         with progress or nullcontext():
             profiles = measure_spectra(
                 encoders, images, registry=_registry(registry), weights_dir=weights,
@@ -224,6 +262,12 @@ def plot_cmd(
         from .profile import Profile
 
         loaded = [Profile.load(p) for p in profiles]
+        if any(p.protocol.get("modality", "image") != "image" for p in loaded):
+            from .plot_nd import plot_any  # video and sequence figures have their own panels
+
+            for p in plot_any(loaded, out, pdf=pdf):
+                typer.echo(str(p))
+            return
         paths = plot_profiles(loaded, out, pdf=pdf, size=(width, height), font_size=font_size,
                               xscale=xscale, yscale=yscale, normalize=normalize, units=units)
     except PrismError as exc:

@@ -16,6 +16,10 @@ An entry is a mapping under ``encoders:``::
       options: {img_size: 224}    # keyword arguments for the backend's constructor
       description: DINOv2 ViT-B/14, final-normed patch tokens
 
+``modality`` (optional, default ``image``) says what the encoder takes in: ``image``, ``video``
+(clips; ``input.frames`` frames per clip) or ``sequence`` (token ids; ``input.max_tokens``
+instead of ``input.size``); see ``docs/modalities.md``.
+
 An entry may start from another with ``base: NAME`` and override fields (mappings are merged one
 level deep). This module imports neither torch nor any model library, so listing the registry and
 marking which weights are present is instant.
@@ -36,6 +40,8 @@ import yaml
 from .errors import RegistryError
 
 FAMILIES = ("semantic", "pixel", "unified")
+# What an encoder takes in: still images (the default), clips of frames, or token sequences.
+MODALITIES = ("image", "video", "sequence")
 BACKENDS = (
     "timm",
     "open_clip",
@@ -46,9 +52,12 @@ BACKENDS = (
     "torch_module",
     "pixels",
     "uae",
+    "transformers_video",
+    "transformers_sequence",
 )
 WEIGHT_KEYS = ("hub", "subfolder", "filename", "url", "sha256", "file", "tag", "revision")
-INPUT_KEYS = ("size", "resize", "crop_pct", "interpolation", "mean", "std", "value_range")
+INPUT_KEYS = ("size", "resize", "crop_pct", "interpolation", "mean", "std", "value_range",
+              "frames", "max_tokens")
 FIELDS = (
     "family",
     "backend",
@@ -63,6 +72,7 @@ FIELDS = (
     "split",
     "decoder",
     "base",
+    "modality",
 )
 REQUIRED = ("family", "backend", "input", "description")
 REGISTRY_ENV = "PRISM_PROBE_REGISTRY"
@@ -92,6 +102,7 @@ class EncoderEntry:
     split: Mapping[str, Any] = field(default_factory=dict)
     decoder: Mapping[str, Any] = field(default_factory=dict)
     source: str = "<default>"
+    modality: str = "image"
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -118,6 +129,8 @@ class EncoderEntry:
                 out[key] = value if isinstance(value, str) else dict(value)
         if self.trust_remote_code:
             out["trust_remote_code"] = True
+        if self.modality != "image":
+            out["modality"] = self.modality
         return out
 
 
@@ -183,15 +196,28 @@ def _validate(name: str, raw: Mapping[str, Any], source: str) -> EncoderEntry:
     for key in ("input", "weights", "features", "options", "split", "decoder"):
         if key in raw and not isinstance(raw[key], Mapping):
             raise RegistryError(f"{where}: field '{key}' must be a mapping")
+    modality = raw.get("modality", "image")
+    if modality not in MODALITIES:
+        raise RegistryError(
+            f"{where}: field 'modality' must be one of {', '.join(MODALITIES)}, got {modality!r}")
     inp = raw["input"]
     bad = sorted(set(inp) - set(INPUT_KEYS))
     if bad:
         raise RegistryError(f"{where}: unknown key 'input.{bad[0]}'; known: {', '.join(INPUT_KEYS)}")
+    for key in ("frames", "max_tokens"):
+        value = inp.get(key)
+        if value is not None and not (isinstance(value, int) and value > 0):
+            raise RegistryError(f"{where}: field 'input.{key}' must be a positive int, got "
+                                f"{value!r}")
     size = inp.get("size")
     ok_size = (isinstance(size, int) and size > 0) or (
         isinstance(size, (list, tuple)) and len(size) == 2
         and all(isinstance(s, int) and s > 0 for s in size))
-    if not ok_size:
+    if modality == "sequence":
+        # Token sequences have no pixel size; their input is bounded by a token count.
+        if "max_tokens" not in inp:
+            raise RegistryError(f"{where}: a sequence entry needs 'input.max_tokens'")
+    elif not ok_size:
         raise RegistryError(
             f"{where}: field 'input.size' must be a positive int or [height, width], got {size!r}")
     weights = raw.get("weights", {}) or {}
@@ -224,6 +250,7 @@ def _validate(name: str, raw: Mapping[str, Any], source: str) -> EncoderEntry:
         split=dict(raw.get("split", {}) or {}),
         decoder=dict(raw.get("decoder", {}) or {}),
         source=source,
+        modality=modality,
     )
 
 

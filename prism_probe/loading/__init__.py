@@ -27,6 +27,8 @@ _MODULES = {
     "torch_module": "torch_module",
     "pixels": "pixels",
     "uae": "uae_backend",
+    "transformers_video": "video_backend",
+    "transformers_sequence": "sequence_backend",
 }
 _PIP = {"timm": "timm", "open_clip": "open_clip_torch", "transformers": "transformers",
         "diffusers": "diffusers"}
@@ -50,7 +52,8 @@ def make_preprocess(entry: EncoderEntry, image_size=None, defaults: Mapping[str,
 
     cfg = {"resize": "shorter", "crop_pct": 1.0, "interpolation": "bicubic"}
     cfg.update({k: v for k, v in dict(defaults).items() if v is not None})
-    cfg.update(entry.input)
+    # frames / max_tokens describe clips and sequences, not how one image is preprocessed.
+    cfg.update({k: v for k, v in entry.input.items() if k not in ("frames", "max_tokens")})
     if image_size is not None:
         cfg["size"] = image_size
     if "value_range" in cfg:
