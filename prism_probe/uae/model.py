@@ -103,6 +103,7 @@ class TokenGridEncoder(nn.Module):
         self.net = encoder.model
         self._forward = encoder._forward  # the backend's pixels -> FeatureMap function
         self.split_fn = encoder._split  # split points, for the perceptual fallback's stages
+        self.unused: set[str] = set()  # parameters that never reach the grid (build_uae)
         self.input_size = tuple(int(s) for s in input_size)
         pre = encoder.preprocess
         if getattr(pre, "value_range", None) is not None:
@@ -523,8 +524,7 @@ def build_uae(cfg: Mapping[str, Any], *, weights_dir=None, device="cpu", teacher
         # Random-weight encoders draw new weights on every load: copy the student's.
         other.model.load_state_dict(student.model.state_dict())
         tea = TokenGridEncoder(other, input_size)
-    with torch.no_grad():
-        probe = enc(torch.zeros(1, 3, *image_size, device=enc.scale.device))
+    probe = _find_unused(enc, image_size)
     if probe.ndim != 4:
         raise PrismError(f"encoder '{name}' does not give a token grid (got shape "
                          f"{tuple(probe.shape)}); pick an encoder with a spatial feature map")
@@ -536,6 +536,24 @@ def build_uae(cfg: Mapping[str, Any], *, weights_dir=None, device="cpu", teacher
     decoder = build_decoder(cfg["decoder"], c, (h, w), image_size)
     model = UAE(enc, tea, modulator, decoder, image_size)
     return model.to(device)
+
+
+def _find_unused(enc: TokenGridEncoder, image_size: tuple[int, int]) -> Tensor:
+    """Run the encoder once with gradients; record parameters that do not reach its token grid
+    (a classifier head, a pooling norm) in ``enc.unused``, which stages never unfreeze (under
+    DistributedDataParallel a trainable parameter without a gradient is an error).
+    Returns the (1, C, h, w) probe output, detached."""
+    params = dict(enc.net.named_parameters())
+    flags = {k: p.requires_grad for k, p in params.items()}
+    enc.net.requires_grad_(True)
+    out = enc(torch.zeros(1, 3, *image_size, device=enc.scale.device))
+    if out.ndim == 4:
+        out.float().sum().backward()
+    enc.unused = {k for k, p in params.items() if p.grad is None}
+    for k, p in params.items():
+        p.grad = None
+        p.requires_grad_(flags[k])
+    return out.detach()
 
 
 def _hw(size) -> tuple[int, int]:

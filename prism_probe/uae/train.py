@@ -227,6 +227,9 @@ def set_trainable(model: UAE, stage: Mapping[str, Any]) -> None:
     """Unfreeze exactly the parts the stage names; the teacher stays frozen."""
     for name, part in model.trainable_groups().items():
         part.requires_grad_(name in stage.get("train", ()))
+    for k, p in model.encoder.net.named_parameters():
+        if k in model.encoder.unused:  # e.g. the classifier head: no gradient ever reaches it
+            p.requires_grad_(False)
     if model.teacher is not None:
         model.teacher.requires_grad_(False)
 
@@ -439,8 +442,8 @@ def _optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]
 def _optim_load(opt: torch.optim.Optimizer, tensors: Mapping[str, Tensor], meta, prefix: str):
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
-        head, pid, name = key.split(".", 2)
-        if head == prefix:
+        if key.startswith(prefix + "."):
+            _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = v
     for key, v in meta["scalars"].items():
         pid, name = key.split(".", 1)
@@ -550,14 +553,15 @@ def validate(model: UAE, images: Tensor, batch: int, device) -> dict[str, float]
     return out
 
 
-def save_grid(path: Path, x: Tensor, y: Tensor) -> None:
-    """PNG of originals (top row) over reconstructions (bottom row), written atomically."""
+def save_grid(path: Path, *rows: Tensor) -> None:
+    """PNG with one row per (n, 3, S, S) batch (originals first, then reconstructions),
+    values in [0, 1], written atomically."""
     import io
 
     from PIL import Image
 
-    row = lambda t: torch.cat(list(t.clamp(0, 1)), dim=-1)  # noqa: E731 - (3, S, n·S)
-    grid = torch.cat([row(x), row(y)], dim=-2)
+    grid = torch.cat([torch.cat(list(r.float().clamp(0, 1).cpu()), dim=-1) for r in rows],
+                     dim=-2)
     arr = (grid.permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -615,6 +619,68 @@ class _Progress:
 
 # ------------------------------------------------------------------------------------------------
 # The loop
+
+
+def step_losses(wrapped: nn.Module, model: UAE, x: Tensor, idx: Tensor, step: int,
+                stage: Mapping[str, Any], cfg: Mapping[str, Any], *, perceptual=None,
+                disc=None, world: int = 1) -> dict[str, Tensor]:
+    """The generator-side losses of one micro-batch (see the module docstring's formula).
+
+    Parameters
+    ----------
+    wrapped : module
+        ``model`` itself, or its DistributedDataParallel wrapper.
+    x : Tensor (B, 3, S, S)
+        Target images in [0, 1].
+    idx : LongTensor (B,)
+        Their global data-set indices (keys of the per-sample noise and masks).
+    step : int
+        Optimisation step (0-based).
+    stage : mapping
+        The current stage (``semantic``, ``masking``, ``gan`` flags).
+
+    Returns
+    -------
+    dict of Tensor
+        ``loss`` (scalar, to back-propagate), ``clean`` (B, 3, S, S) reconstruction, and the
+        scalar parts ``l1``, ``perceptual``, ``semantic``, ``gan``, ``gan_weight``.
+    """
+    lcfg, mcfg = cfg["loss"], cfg["modulator"]
+    zero = torch.zeros((), device=x.device)
+    plan = None
+    if stage["masking"]:
+        shape = (len(x), model.modulator.channels, *model.modulator.grid)
+        plan = model.make_plan(shape, idx, step, int(cfg["seed"]),
+                               mask_prob=float(mcfg["mask_prob"]),
+                               noise_max=float(mcfg["noise_max"]),
+                               k_min_fraction=float(mcfg["k_min_fraction"]))
+    outs = wrapped(x, plan, teacher=stage["semantic"])
+    y = outs["clean"].float()
+    w_l1, w_p = float(lcfg["l1"]), float(lcfg["perceptual_weight"])
+    l1 = l1_per_image(y, x)
+    per = perceptual(y, x) if perceptual is not None else torch.zeros_like(l1)
+    rec = (w_l1 * l1 + w_p * per).mean()
+    loss = rec
+    if plan is not None:
+        ym = outs["masked"].float()
+        lm = w_l1 * l1_per_image(ym, x)
+        if perceptual is not None and lcfg.get("perceptual_masked", True):
+            lm = lm + w_p * perceptual(ym, x)
+        if model.modulator.kind == "fft":  # v1: scaled by the share of bands kept
+            lm = lm * model.kept_fraction(plan, model.modulator.grid).to(lm)
+        loss = float(lcfg["clean_weight"]) * rec + lm.mean()
+    sem = zero
+    if stage["semantic"]:
+        sem = semantic_loss(outs["latent"].float(), outs["teacher"].float(), model.modulator)
+        loss = loss + float(lcfg["semantic"]) * sem
+    g_loss, lam = zero, zero
+    if stage["gan"] and disc is not None:
+        disc.requires_grad_(False)  # the generator step must not touch D's gradients
+        g_loss = hinge_g_loss(disc(y))
+        lam = adaptive_weight(rec, g_loss, model.decoder.last_layer.weight, world_size=world)
+        loss = loss + float(lcfg["gan"]) * lam * g_loss
+    return {"loss": loss, "clean": y, "l1": l1.mean(), "perceptual": per.mean(),
+            "semantic": sem, "gan": g_loss, "gan_weight": lam}
 
 
 def _collect(folder, limit, seed):
@@ -690,6 +756,8 @@ def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
                          f"{batch}; lower data.batch_size")
     stages = stage_table(cfg, len(train_list))
     total = stages[-1]["stop"]
+    if ocfg.get("warmup_epochs"):  # the paper counts warm-up in epochs
+        ocfg["warmup_steps"] = int(float(ocfg["warmup_epochs"]) * (len(train_list) // batch))
     dataset = TrainImages(train_list.paths, int(cfg["image_size"]), seed, dcfg)
     val_images = load_val(val_list.paths, int(cfg["image_size"]))
 
@@ -808,40 +876,9 @@ def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
             x = x.to(device, non_blocking=True)
             sync = world > 1 and micro < accum - 1
             with (wrapped.no_sync() if sync else nullcontext()), autocast():
-                plan = None
-                if stage["masking"]:
-                    grid = model.modulator.grid
-                    plan = model.make_plan((len(x), model.modulator.channels, *grid), idx, step,
-                                           seed, mask_prob=float(mcfg["mask_prob"]),
-                                           noise_max=float(mcfg["noise_max"]),
-                                           k_min_fraction=float(mcfg["k_min_fraction"]))
-                outs = wrapped(x, plan, teacher=stage["semantic"])
-                y = outs["clean"].float()
-                l1 = l1_per_image(y, x)
-                per = perceptual(y, x) if perceptual is not None else torch.zeros_like(l1)
-                rec_img = float(lcfg["l1"]) * l1 + float(lcfg["perceptual_weight"]) * per
-                rec = rec_img.mean()
-                loss = rec
-                if plan is not None:
-                    ym = outs["masked"].float()
-                    lm = float(lcfg["l1"]) * l1_per_image(ym, x)
-                    if perceptual is not None and lcfg.get("perceptual_masked", True):
-                        lm = lm + float(lcfg["perceptual_weight"]) * perceptual(ym, x)
-                    if model.modulator.kind == "fft":  # v1: scaled by how much was kept
-                        lm = lm * model.kept_fraction(plan, model.modulator.grid).to(lm)
-                    loss = float(lcfg["clean_weight"]) * rec + lm.mean()
-                sem = torch.zeros((), device=device)
-                if stage["semantic"]:
-                    sem = semantic_loss(outs["latent"].float(), outs["teacher"].float(),
-                                        model.modulator)
-                    loss = loss + float(lcfg["semantic"]) * sem
-                g_loss, lam = torch.zeros((), device=device), torch.zeros((), device=device)
-                if stage["gan"] and disc is not None:
-                    disc.requires_grad_(False)
-                    g_loss = hinge_g_loss(disc(y))
-                    lam = adaptive_weight(rec, g_loss, model.decoder.last_layer.weight,
-                                          world_size=world)
-                    loss = loss + float(lcfg["gan"]) * lam * g_loss
+                parts = step_losses(wrapped, model, x, idx, step, stage, cfg,
+                                    perceptual=perceptual, disc=disc, world=world)
+            loss, y = parts["loss"], parts["clean"]
             (loss / accum).backward()
             if stage["gan"] and disc is not None:
                 disc.requires_grad_(True)
@@ -850,9 +887,8 @@ def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
                     d_loss = hinge_d_loss(logits[:len(x)], logits[len(x):])
                 (d_loss / accum).backward()
                 logs["disc"] += float(d_loss.detach()) / accum
-            for key, val in (("loss", loss), ("l1", l1.mean()), ("perceptual", per.mean()),
-                             ("semantic", sem), ("gan", g_loss), ("gan_weight", lam)):
-                logs[key] += float(val.detach()) / accum
+            for key in ("loss", "l1", "perceptual", "semantic", "gan", "gan_weight"):
+                logs[key] += float(parts[key].detach()) / accum
 
         if disc is not None and stage["gan"]:
             if world > 1:  # the discriminator is small: average its gradients by hand
