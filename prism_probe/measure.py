@@ -255,7 +255,8 @@ def default_encoders(registry: Registry, weights_dir=None) -> tuple[list[str], l
     dirs = W.weights_dirs(weights_dir)
     chosen, left = ["pixels"], []
     for entry in registry:
-        if entry.backend in ("pixels", "uae"):
+        # Video and sequence entries need clips or token sequences, not images.
+        if entry.backend in ("pixels", "uae") or entry.modality != "image":
             continue
         state, _ = W.presence(entry, dirs)
         (chosen if state in ("local", "cache") else left).append(entry.name)
@@ -296,6 +297,11 @@ def measure_spectra(
             log.warning("left out %d entries whose weights are not here (%s); give --weights DIR "
                         "or name them to download", len(left), ", ".join(left))
     specs = [parse_spec(e, registry) for e in encoders]  # validate all names before any work
+    for spec in specs:
+        if spec.entry.modality != "image":
+            flag = "--video CLIP" if spec.entry.modality == "video" else "--text FILE"
+            raise PrismError(f"'{spec.text}' is a {spec.entry.modality} encoder; measure it with "
+                             f"{flag} (docs/modalities.md)")
     if not isinstance(images, ImageList):
         images = collect_images(images, limit=limit, seed=seed, dedupe=dedupe)
     dev = resolve_device(device)

@@ -70,6 +70,11 @@ def plot_video_profiles(profiles: Sequence[Profile], out: str | Path, *, pdf: bo
         for a in (ax, tx):
             a.axhline(1.0, color="0.5", lw=0.8, ls=":")
             a.grid(True, which="both", alpha=0.3)
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("spatial radial frequency (cycles / grid cell)")
         ax.set_ylabel("power / mean power per cell (white = 1)")
         ax.set_title("Spatial spectrum (all temporal frequencies)")
