@@ -27,6 +27,7 @@ window and mean removal, the power summed over all ``h * w`` cells equals ``sum(
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -762,6 +763,27 @@ def _mean_interval(values: np.ndarray) -> dict:
 
 _SUMMARIES = ("low_band_share", "centroid", "slope")
 
+# Up to this many elements per batch (32 MB of float32) the update runs on one intra-op thread.
+# Its ~25 operators are short and mostly memory-bound, so a second thread gains little, while
+# every operator pays an OpenMP barrier; on a CPU shared with other work, decoding workers
+# included, a barrier waits a whole time slice for a descheduled thread: on two loaded cores a
+# 32x64x8x8 batch took 140 ms on two threads and 5 ms on one, a 32x768x16x16 batch 290 ms and
+# 160 ms (see BENCHMARKS.md). Larger batches keep the caller's thread count.
+_SERIAL_MAX_NUMEL = 1 << 23
+
+
+@contextmanager
+def _serial_if_small(x: Tensor):
+    threads = torch.get_num_threads()
+    if x.device.type != "cpu" or threads == 1 or x.numel() > _SERIAL_MAX_NUMEL:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 class SpectrumAccumulator:
     """Running spectra of many images' feature maps, mergeable across workers.
@@ -843,6 +865,10 @@ class SpectrumAccumulator:
             raise SpectrumInputError(
                 f"x is on {x.device} but this accumulator is on {self.device}; move x there"
             )
+        with _serial_if_small(x):
+            self._accumulate(x, b)
+
+    def _accumulate(self, x: Tensor, b: int) -> None:
         cfg = self.config
         spec = radial_power_spectrum(x, cfg, dtype=self.dtype)
         s = self._sums
