@@ -546,9 +546,10 @@ def _find_unused(enc: TokenGridEncoder, image_size: tuple[int, int]) -> Tensor:
     params = dict(enc.net.named_parameters())
     flags = {k: p.requires_grad for k, p in params.items()}
     enc.net.requires_grad_(True)
-    out = enc(torch.zeros(1, 3, *image_size, device=enc.scale.device))
-    if out.ndim == 4:
-        out.float().sum().backward()
+    with torch.enable_grad():  # callers may be inside no_grad (evaluation, the backend)
+        out = enc(torch.zeros(1, 3, *image_size, device=enc.scale.device))
+        if out.ndim == 4:
+            out.float().sum().backward()
     enc.unused = {k for k, p in params.items() if p.grad is None}
     for k, p in params.items():
         p.grad = None
