@@ -114,7 +114,6 @@ def encoders_cmd(
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
-    from rich.console import Console
     from rich.table import Table
 
     mark = {"local": "[green]local[/]", "cache": "[green]cache[/]", "builtin": "built-in",

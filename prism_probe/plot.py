@@ -18,6 +18,20 @@ from .profile import Profile, atomic_write_bytes
 NORMALIZE = ("white", "total", "peak", "none")
 
 
+def save_figure(fig, out: str | Path, pdf: bool = False, dpi: int = 150) -> list[Path]:
+    """Write ``fig`` as PNG (and PDF when ``pdf`` or ``out`` ends in .pdf), each atomically."""
+    out = Path(out)
+    targets = [("png", out.with_suffix(".png"))]
+    if pdf or out.suffix == ".pdf":
+        targets.append(("pdf", out.with_suffix(".pdf")))
+    written = []
+    for fmt, path in targets:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi)
+        written.append(atomic_write_bytes(path, buf.getvalue()))
+    return written
+
+
 def _curve(p: Profile, units: str, normalize: str):
     r = p.result
     f = np.asarray(r["freqs_pixel"] if units == "pixel" else r["freqs"], dtype=float)
@@ -138,14 +152,6 @@ def plot_profiles(
         fig.text(0.5, 0.005, protocol_caption(profiles, units), ha="center", va="bottom",
                  fontsize=font_size * 0.8)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
-        out = Path(out)
-        written = []
-        targets = [("png", out.with_suffix(".png"))]
-        if pdf or out.suffix == ".pdf":
-            targets.append(("pdf", out.with_suffix(".pdf")))
-        for fmt, path in targets:
-            buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, dpi=150)
-            written.append(atomic_write_bytes(path, buf.getvalue()))
+        written = save_figure(fig, out, pdf)
         plt.close(fig)
     return written

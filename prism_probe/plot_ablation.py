@@ -8,12 +8,12 @@ one figure; its caption states the mode, units, domain and image count from the 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Sequence
 
 from .errors import PrismError
-from .profile import Profile, atomic_write_bytes, profile_filename
+from .plot import save_figure
+from .profile import Profile, profile_filename
 
 #: Scores in display order, with their axis labels.
 SCORES = {
@@ -142,15 +142,7 @@ def plot_ablation(profiles: Sequence[Profile], out: str | Path, *, pdf: bool = F
                      f"the rest; domain {p0.protocol['ablation']['domain']}; "
                      f"{'/'.join(map(str, n))} images", fontsize=font_size)
         fig.tight_layout()
-        out = Path(out)
-        targets = [("png", out.with_suffix(".png"))]
-        if pdf or out.suffix == ".pdf":
-            targets.append(("pdf", out.with_suffix(".pdf")))
-        written = []
-        for fmt, path in targets:
-            buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, dpi=150)
-            written.append(atomic_write_bytes(path, buf.getvalue()))
+        written = save_figure(fig, out, pdf)
         plt.close(fig)
     return written
 

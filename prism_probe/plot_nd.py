@@ -10,31 +10,19 @@ share an axis. Every figure states its protocol in a caption.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .errors import PrismError
-from .profile import Profile, atomic_write_bytes, profile_filename
+from .plot import save_figure
+from .profile import Profile, profile_filename
 
 
 def modality(profile: Profile) -> str:
     """``image`` for profiles that record none (everything measured before modalities)."""
     return profile.protocol.get("modality", "image")
-
-
-def _save(fig, out: Path, pdf: bool) -> list[Path]:
-    written = []
-    targets = [("png", out.with_suffix(".png"))]
-    if pdf or out.suffix == ".pdf":
-        targets.append(("pdf", out.with_suffix(".pdf")))
-    for fmt, path in targets:
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=150)
-        written.append(atomic_write_bytes(path, buf.getvalue()))
-    return written
 
 
 def _white_scale_video(r: dict) -> float:
@@ -101,7 +89,7 @@ def plot_video_profiles(profiles: Sequence[Profile], out: str | Path, *, pdf: bo
                    f"{'/'.join(str(p.images['n_used']) for p in profiles)} clips")
         fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=font_size * 0.8)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
-        written = _save(fig, Path(out), pdf)
+        written = save_figure(fig, out, pdf)
         plt.close(fig)
     return written
 
@@ -149,7 +137,7 @@ def plot_sequence_profiles(profiles: Sequence[Profile], out: str | Path, *, pdf:
                    f"{'/'.join(str(p.images['n_used']) for p in profiles)} sequences")
         fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=font_size * 0.8)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
-        written = _save(fig, Path(out), pdf)
+        written = save_figure(fig, out, pdf)
         plt.close(fig)
     return written
 
