@@ -11,6 +11,11 @@ Feature layers (``features.layer``; a registry entry with ``base: uae`` can set 
 - ``band0``, ``band1``, …: band k of the latent from the run's own split (FFT rings or DCT
   zig-zag, :mod:`prism_probe.bands`); the bands sum to ``latent``.
 
+A registry file (``--registry FILE``) names a band of a run, e.g.::
+
+    encoders:
+      tiny-uae-band0: {base: uae, id: runs/tiny, features: {layer: band0}}
+
 ``decode(latent)`` runs the modulator and decoder and returns images in [0, 1], so latent
 ablations apply; decoding ``band0`` alone reconstructs from the semantic band.
 """

@@ -744,7 +744,7 @@ def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
     torch.manual_seed(seed)
 
     # ---- data
-    dcfg, ocfg, lcfg, mcfg = cfg["data"], cfg["optim"], cfg["loss"], cfg["modulator"]
+    dcfg, ocfg, lcfg = cfg["data"], cfg["optim"], cfg["loss"]
     train_list = _collect(dcfg["train"], dcfg.get("limit"), seed)
     val_list = _collect(dcfg["val"] or dcfg["train"], dcfg.get("val_images"), seed + 1)
     batch, accum = int(dcfg["batch_size"]), int(ocfg["accum"])
@@ -796,7 +796,7 @@ def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
             disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
             _optim_load(dopt, otensors, record["disc_optimizer"], "dopt")
         torch.set_rng_state(otensors["rng.torch"])
-    elif rank == 0 and (run / "checkpoint.json").exists():
+    elif (run / "checkpoint.json").exists():  # every rank sees it: none starts alone
         raise PrismError(f"{run} already holds a run; pass --resume to continue it or choose "
                          "another --out")
     stop = total if stop_after is None else min(total, int(stop_after))
