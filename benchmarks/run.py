@@ -525,8 +525,35 @@ def write_markdown(path: Path, rows: list[Row], info: dict, s: Settings, load: d
         w("## Targets\n\n")
         for g in gaps:
             w(f"- {g}\n")
-        w("\n")
+        w("\n" + NOTES)
     path.write_text(out.getvalue())
+
+
+NOTES = """## What dominates, and why
+
+- The floor is one `rfft2` plus its epilogue (|·|² and the channel mean), and at 16×16 the
+  epilogue costs more than the FFT itself: both are passes over memory. The accumulator adds
+  passes the floor does not make: mean removal and the Hann window (two passes over the input),
+  ring binning (small), and, for e(k), a separable DCT (two matrix products over the input) with
+  its own |·|² and channel mean (see the operator profile above). The DCT cannot share the
+  FFT (e(k) is taken without window or mean removal, and a DCT-II is not a function of the DFT
+  power), so it needs a second transform of the input; an FFT-based DCT-II would cost a second
+  `rfft2` plus a twiddle pass, no cheaper than the matrix products at these grid sizes.
+  `n_dct_bands=0` skips it.
+- On a CPU shared with other processes every parallel operator waits at an OpenMP barrier for a
+  descheduled thread. The update runs ~25 operators against the floor's ~4, so on two threads
+  it pays the barrier ~6× as often; it therefore runs on one intra-op thread for batches up to
+  32 MB (`_SERIAL_MAX_NUMEL` in `prism_probe/spectra.py`), which is what brings small-encoder
+  batches from ~140 ms to a few ms. The one-thread floor row shows the same effect on the
+  floor; ratios are taken against the default (multi-thread) floor, as issue 6 defines it.
+- End to end the spectra are ~1 % of a ViT-B forward. For the small CIFAR ResNets at 32 px the
+  forward is a few ms per image, and JPEG decoding (already at reduced size through `draft`) is of
+  the same order: decoding in worker processes (`--workers`, one thread each) takes it off the
+  compute path.
+- Peak memory is fixed by the model, the batch and the libraries; the accumulator keeps 4 numbers
+  per image, so 10× more images add ~0.1 MB.
+- No GPU was lent to this task, so item 5 of issue 6 (GPU throughput) was not measured.
+"""
 
 
 def targets(rows: list[Row]) -> list[str]:
