@@ -219,7 +219,18 @@ def measure_encoder(
     skipped = [s for _, _, sk in parts for s in sk]
     result = total.result()
     result["freqs_pixel"] = [f / stride for f in result["freqs"]]
+    # Summaries are computed in cycles per cell; the centroid is a frequency, so give it in
+    # cycles per input pixel too (low-band share and slope are unit-free).
+    cent = result["summaries"].get("centroid")
+    if cent is not None:
+        result["summaries"]["centroid_pixel"] = _scaled_summary(cent, 1.0 / stride)
+    result["summary_units"] = {"centroid": "cycles/cell", "centroid_pixel": "cycles/px",
+                               "low_band_share": "fraction", "slope": "log-log"}
     log.info("%s: %d images used, %d skipped", encoder.label, n_read, len(skipped))
+    if result.get("n_zero_power"):
+        log.warning("%s: %d of %d images gave feature maps with zero power (constant maps); "
+                    "they count in the mean spectrum but not in the summaries and intervals",
+                    encoder.label, result["n_zero_power"], n_read)
 
     protocol = {
         "measure": "radial power spectrum + DCT zig-zag band energy",
@@ -246,6 +257,42 @@ def measure_encoder(
     env["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
     return Profile(kind="spectrum", encoder=encoder.describe(), protocol=protocol,
                    images=images_info, result=result, environment=env)
+
+
+def _scaled_summary(summary: dict | None, factor: float) -> dict | None:
+    """A summary (mean, ci95, std) of a quantity multiplied by ``factor`` > 0."""
+    if summary is None:
+        return None
+    out = dict(summary)
+    for key in ("mean", "std"):
+        if out.get(key) is not None:
+            out[key] = out[key] * factor
+    if out.get("ci95") is not None:
+        out["ci95"] = [v * factor for v in out["ci95"]]
+    return out
+
+
+def preflight_weights(specs, weights_dir=None) -> None:
+    """Fail at once when an encoder's weights cannot be had, before measuring any encoder.
+
+    Only looks (no checksum, no download): weights present locally or in the hub cache pass;
+    others pass only when they can still be downloaded (a URL or hub id, and not offline).
+    """
+    from . import weights as W
+
+    dirs = W.weights_dirs(weights_dir)
+    for spec in specs:
+        entry = spec.entry
+        if spec.random_init or entry.backend in ("pixels", "uae"):
+            continue
+        state, _ = W.presence(entry, dirs)
+        if state != "missing":
+            continue
+        remote = any(entry.weights.get(k) for k in ("url", "hub", "tag"))
+        if not remote:
+            raise W.missing(entry, dirs)
+        if W.offline():
+            raise W.missing(entry, dirs, "offline, and not in any local folder or cache")
 
 
 def default_encoders(registry: Registry, weights_dir=None) -> tuple[list[str], list[str]]:
@@ -302,6 +349,7 @@ def measure_spectra(
             flag = "--video CLIP" if spec.entry.modality == "video" else "--text FILE"
             raise PrismError(f"'{spec.text}' is a {spec.entry.modality} encoder; measure it with "
                              f"{flag} (docs/modalities.md)")
+    preflight_weights(specs, weights_dir)
     if not isinstance(images, ImageList):
         images = collect_images(images, limit=limit, seed=seed, dedupe=dedupe)
     dev = resolve_device(device)

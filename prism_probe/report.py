@@ -8,15 +8,16 @@ from typing import Sequence
 from .profile import Profile, profile_filename
 
 
-def summary(profile: Profile, key: str) -> tuple[float, float, float] | None:
+def summary(profile: Profile, key: str) -> tuple[float, float | None, float | None] | None:
     """(mean, low, high) of a per-image summary: its mean and 95 % interval over images.
 
-    None when no image had power to summarise (every map constant, e.g. blank images).
+    None when no image had power to summarise (every map constant, e.g. blank images); low and
+    high are None when the interval is undefined (a single image).
     """
-    s = profile.result["summaries"][key]
-    if s["mean"] is None or s["ci95"] is None:
+    s = profile.result["summaries"].get(key)
+    if s is None or s.get("mean") is None:
         return None
-    lo, hi = s["ci95"]
+    lo, hi = s["ci95"] if s.get("ci95") is not None else (None, None)
     return s["mean"], lo, hi
 
 
@@ -45,23 +46,27 @@ def spectrum_table(profiles: Sequence[Profile]):
     table.add_column("grid")
     table.add_column("images", justify="right")
     table.add_column(f"low share (≤{cut:g})", justify="right")
-    table.add_column("centroid", justify="right")
+    table.add_column(f"centroid ({unit_label(units)})", justify="right")
     table.add_column(f"slope ({fmin:g}–{fmax:g})", justify="right")
     table.add_column("e(1)", justify="right")
     for p in profiles:
         pr = p.protocol
+        n_used = str(p.images["n_used"])
+        if p.result.get("n_zero_power"):
+            n_used += f" ({p.result['n_zero_power']} constant)"
         row = [p.label, p.family, "×".join(str(s) for s in pr["input_size"]),
-               "×".join(str(s) for s in pr["grid"]), str(p.images["n_used"])]
-        scale = 1.0 / pr["stride_px"] if units == "pixel" else 1.0
-        for key, mul, fmt in (("low_band_share", 1.0, "{:.3f}"), ("centroid", scale, "{:.3f}"),
-                              ("slope", 1.0, "{:.2f}")):
+               "×".join(str(s) for s in pr["grid"]), n_used]
+        centroid = "centroid_pixel" if units == "pixel" else "centroid"
+        for key, fmt in (("low_band_share", "{:.3f}"), (centroid, "{:.3f}"), ("slope", "{:.2f}")):
             stats = summary(p, key)
             if stats is None:
                 row.append("n/a (zero power)")
                 continue
             m, lo, hi = stats
-            row.append(f"{fmt.format(m * mul)} [{fmt.format(lo * mul)}, "
-                       f"{fmt.format(hi * mul)}]")
+            if lo is None:
+                row.append(f"{fmt.format(m)} (no interval: 1 image)")
+            else:
+                row.append(f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]")
         row.append(f"{p.result['dct_band_energy'][0]:.3f}")
         table.add_row(*row)
     return table

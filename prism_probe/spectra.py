@@ -752,7 +752,9 @@ def _t975(dof: int) -> float:
             + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3))
 
 
-def _mean_interval(values: np.ndarray) -> dict:
+def _mean_interval(values: np.ndarray, bounds: tuple[float, float] | None = None) -> dict:
+    """Mean and Student-t 95 % interval; the interval is clipped to ``bounds`` (a share cannot
+    leave [0, 1], although a t interval on a few images can)."""
     n = int(values.size)
     if n == 0:
         return {"mean": None, "ci95": None, "std": None, "n": 0}
@@ -761,7 +763,10 @@ def _mean_interval(values: np.ndarray) -> dict:
         return {"mean": mean, "ci95": None, "std": None, "n": 1}
     std = float(values.std(ddof=1))
     half = _t975(n - 1) * std / math.sqrt(n)
-    return {"mean": mean, "ci95": [mean - half, mean + half], "std": std, "n": n}
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": mean, "ci95": [lo, hi], "std": std, "n": n}
 
 
 _SUMMARIES = ("low_band_share", "centroid", "slope")
@@ -1009,7 +1014,9 @@ class SpectrumAccumulator:
 
         values = self._per_image_tensor().detach().cpu().numpy()
         valid = values[:, 3] > 0
-        summaries = {name: _mean_interval(values[valid, i]) for i, name in enumerate(_SUMMARIES)}
+        summaries = {name: _mean_interval(values[valid, i],
+                                          (0.0, 1.0) if name == "low_band_share" else None)
+                     for i, name in enumerate(_SUMMARIES)}
         out = {
             "freqs": centers.tolist(),
             "ring_counts": counts.tolist(),
@@ -1022,7 +1029,8 @@ class SpectrumAccumulator:
             "dct_band_sizes": dct_band_sizes(h * w, len(e)) if len(e) else [],
             "summaries": summaries,
             "interval_method": "student-t 95% interval of the mean over images "
-                               "(mean ± t(0.975, n-1)·std/sqrt(n)); zero-power maps excluded",
+                               "(mean ± t(0.975, n-1)·std/sqrt(n)), clipped to [0, 1] for the "
+                               "low-band share; zero-power maps excluded",
             "n_images": int(n),
             "n_zero_power": int((~valid).sum()),
             "grid": [h, w],
