@@ -151,3 +151,31 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, shared_weights, imagenet
         for key, s in a.result["summaries"].items():
             assert b.result["summaries"][key]["mean"] == pytest.approx(s["mean"], rel=1e-6)
             assert b.result["summaries"][key]["ci95"] == pytest.approx(s["ci95"], rel=1e-6)
+
+
+def test_missing_weights_fail_before_any_encoder_runs(tmp_path, monkeypatch):
+    """A missing file for the second encoder stops the run before the first one is measured."""
+    import prism_probe.measure as M
+
+    calls = []
+    monkeypatch.setattr(M, "measure_encoder", lambda *a, **k: calls.append(a))
+    monkeypatch.setenv("PRISM_PROBE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(PrismError, match="weights for 'taef2' not found"):
+        M.measure_spectra(["pixels", "taef2"], None, weights_dir=tmp_path, device="cpu")
+    assert calls == []
+
+
+def test_pixel_units_centroid_and_one_image_row(tmp_path):
+    """--units pixel: the recorded centroid_pixel is the cell centroid ÷ stride; a single image
+    has a mean but no interval, and the table says so instead of 'zero power'."""
+    _plane_wave_images(tmp_path, 1, 64, 8)
+    r = runner.invoke(app, ["spectrum", "pixels:2", "--images", str(tmp_path), "--image-size",
+                            "64", "--window", "none", "--units", "pixel"])
+    assert r.exit_code == 0, r.output
+    assert "no interval: 1 image" in r.output and "zero power" not in r.output
+    r = runner.invoke(app, ["spectrum", "pixels:2", "--images", str(tmp_path), "--image-size",
+                            "64", "--window", "none", "--units", "pixel", "--json"])
+    s = json.loads(r.stdout)[0]["result"]["summaries"]
+    assert s["centroid_pixel"]["mean"] == pytest.approx(s["centroid"]["mean"] / 2)
+    # An 8-cycle cosine over 64 px: 0.125 cycles per pixel, 0.25 cycles per 2-px cell.
+    assert s["centroid_pixel"]["mean"] == pytest.approx(0.125, abs=1e-6)
