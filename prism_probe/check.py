@@ -24,6 +24,13 @@ matching key wins), or for everything at once. The defaults (``rtol = 1e-4``, ``
 are float tolerance: they pass a re-run with another batch size, thread count or CPU, and fail
 any change of the model, the preprocessing or the measure that the spectrum can see.
 
+Values that are not numbers. A NaN in a compared value of either profile is a drift (NaN equals
+nothing, itself included), as is an infinite value (on either side, or both); an interval or
+spread that is undefined (``null``, e.g. the ``ci95`` of a one-image profile) on one side only is
+a drift that says so, and ``null`` on both sides agrees. ``--json`` writes such values as the
+strings ``"nan"``, ``"inf"`` and ``"-inf"`` (JSON has no numbers for them), a missing value as
+``null``.
+
 What a spectrum cannot see: a change that keeps every channel's power at every radial frequency,
 such as transposing a square token grid (rows read as columns), or permuting channels. Such a
 change passes the check.
@@ -251,6 +258,9 @@ class Move:
         The largest change the tolerance allows (same units as ``change``).
     log : bool
         Whether ``change`` is in log space.
+    reason : str
+        Why the values cannot be told apart by a number (``"not a number"``, ``"undefined in
+        the baseline (1 image)"``), or ``""``.
     """
 
     quantity: str
@@ -262,10 +272,14 @@ class Move:
     change: float
     allowed: float
     log: bool
+    reason: str = ""
 
     @property
     def excess(self) -> float:
-        """``|change| / allowed``: how many tolerances away (inf for a zero tolerance)."""
+        """``|change| / allowed``: how many tolerances away (inf for a zero tolerance, and
+        for a change that is not a number: NaN would compare as within any tolerance)."""
+        if math.isnan(self.change):
+            return math.inf
         if self.allowed > 0:
             return abs(self.change) / self.allowed
         return math.inf if self.change else 0.0
@@ -280,14 +294,18 @@ class Move:
         """``value / baseline - 1``, or None when the baseline is zero or missing."""
         if self.baseline in (None, 0) or self.value is None:
             return None
-        return self.value / self.baseline - 1.0
+        rel = self.value / self.baseline - 1.0
+        return rel if math.isfinite(rel) else None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``baseline``/``value`` that are NaN or infinite become ``"nan"``,
+        ``"inf"``, ``"-inf"``; ``change``/``excess`` that are not finite become null."""
         return {"quantity": self.quantity, "index": self.index, "where": self.where,
-                "frequency": self.frequency, "baseline": self.baseline, "value": self.value,
+                "frequency": _json_number(self.frequency),
+                "baseline": _json_number(self.baseline), "value": _json_number(self.value),
                 "change": _finite(self.change), "log_space": self.log,
-                "relative_change": self.relative, "allowed": self.allowed,
-                "excess": _finite(self.excess)}
+                "relative_change": self.relative, "allowed": _json_number(self.allowed),
+                "excess": _finite(self.excess), "reason": self.reason or None}
 
 
 @dataclass
@@ -334,8 +352,11 @@ class CheckResult:
         """One line: the status and, for a drift, where the spectrum moved most."""
         prof, base = self.labels
         if self.status == "incomparable":
+            # Field names only: the values are in the table (or the lines) that go with it,
+            # and repeating them here made one very long line.
+            names = [d.partition(": ")[0] for d in self.differences]
             return (f"incomparable: {prof} and {base} differ in {len(self.differences)} "
-                    f"recorded field(s): " + "; ".join(self.differences))
+                    f"recorded field(s): " + ", ".join(names))
         if self.status == "ok":
             tail = ""
             if self.largest is not None and self.largest.change:
@@ -344,12 +365,19 @@ class CheckResult:
                         "tolerance)")
             return f"ok: {self.n_checked} values of {prof} agree with {base}{tail}"
         worst = self.moves[0]
+        how = worst.reason or f"{_fmt_change(worst)}, allowed {worst.allowed:.2g}"
         return (f"drifted: {len(self.moves)} of {self.n_checked} values of {prof} moved beyond "
                 f"tolerance from {base}; worst {self._place(worst)}: {_fmt(worst.baseline)} → "
-                f"{_fmt(worst.value)} ({_fmt_change(worst)}, allowed {worst.allowed:.2g})")
+                f"{_fmt(worst.value)} ({how})")
+
+    def _at(self, m: Move) -> str:
+        """`` at ring 0.25 cycles/cell``; no units for a position that is not a frequency."""
+        if not m.where:
+            return ""
+        return f" at {m.where}" + (f" {self.units}" if m.frequency is not None else "")
 
     def _place(self, m: Move) -> str:
-        return f"{m.quantity} at {m.where} {self.units}" if m.where else m.quantity
+        return m.quantity + self._at(m)
 
     def summary_lines(self) -> list[str]:
         """One line per measure that moved: how many of its values, and where most; then one
@@ -364,9 +392,10 @@ class CheckResult:
                 secondary.append(quantity)
                 continue
             count = f"{len(moves)} value(s) moved, most" if len(moves) > 1 else "moved"
-            where = f" at {worst.where} {self.units}" if worst.where else ""
-            lines.append(f"{quantity}: {count}{where} ({_fmt_change(worst)}, "
-                         f"{worst.excess:.3g}× the tolerance)")
+            if worst.reason:
+                count = f"{len(moves)} value(s) failed, first" if len(moves) > 1 else "failed"
+            how = worst.reason or f"{_fmt_change(worst)}, {worst.excess:.3g}× the tolerance"
+            lines.append(f"{quantity}: {count}{self._at(worst)} ({how})")
         if secondary:
             lines.append("uncertainties moved too: " + ", ".join(secondary))
         return lines
@@ -406,9 +435,10 @@ class CheckResult:
                              no_wrap=True, overflow="ellipsis")
         for m in self.moves[:MAX_ROWS]:
             rel = m.relative
+            change = m.reason or ("Δln " if m.log else "") + f"{m.change:+.3g}"
             table.add_row(_short_name(m.quantity), m.where or "—", _fmt(m.baseline),
-                          _fmt(m.value), ("Δln " if m.log else "") + f"{m.change:+.3g}",
-                          "—" if rel is None else f"{100 * rel:+.3g} %", f"{m.excess:.3g}")
+                          _fmt(m.value), change, "—" if rel is None else f"{100 * rel:+.3g} %",
+                          f"{m.excess:.3g}")
         if len(self.moves) > MAX_ROWS:
             table.add_row(f"… {len(self.moves) - MAX_ROWS} more (see --json)", *[""] * 6)
         return table
@@ -426,6 +456,7 @@ class CheckResult:
         return console.export_text()
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (non-finite numbers as strings: :meth:`Move.to_dict`)."""
         return {"status": self.status, "exit_code": self.exit_code, "profile": self.labels[0],
                 "baseline": self.labels[1], "message": self.headline(),
                 "differences": list(self.differences), "n_checked": self.n_checked,
@@ -487,8 +518,17 @@ def compare(profile: Profile, baseline: Profile, tolerances: Tolerances | None =
         a, b = mine.get(path, _MISSING), theirs.get(path, _MISSING)
         if tol.skip or not (_is_number(a) or _is_number(b) or a is None or b is None):
             continue
+        if (a is _MISSING and b is None and _has_items(mine, path)) or \
+                (b is _MISSING and a is None and _has_items(theirs, path)):
+            continue  # a null interval against a list: its items say so, one row each
         n_checked += 1
         move = _compare_value(path, quantity, a, b, tol, axis)
+        if move is not None and not move.reason:
+            for side, values, prof in (("profile", mine, profile),
+                                       ("baseline", theirs, baseline)):
+                if _undefined(values, path):
+                    move = replace(move, reason=_undefined_reason(side, prof))
+                    break
         if move is None:
             continue
         if move.excess > 1.0:
@@ -693,6 +733,44 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _json_number(x: float | None) -> float | str | None:
+    """``x``, or ``"nan"``/``"inf"``/``"-inf"``, which JSON has no numbers for."""
+    if x is None or math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _is_nan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _not_finite(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
+def _parent(path: str) -> str | None:
+    """``ci95[0]`` → ``ci95``; None for a path that is not a list item."""
+    return path[:path.rindex("[")] if path.endswith("]") else None
+
+
+def _has_items(values: dict, path: str) -> bool:
+    return any(p.startswith(path + "[") for p in values)
+
+
+def _undefined(values: dict, path: str) -> bool:
+    """Whether the value at ``path`` is null, or an item of a list that is null."""
+    if values.get(path, _MISSING) is None:
+        return True
+    parent = _parent(path)
+    return parent is not None and path not in values and values.get(parent, _MISSING) is None
+
+
+def _undefined_reason(side: str, profile: Profile) -> str:
+    n = profile.images.get("n_used", profile.result.get("n_images"))
+    what = "" if n is None else f" ({n} image{'' if n == 1 else 's'})"
+    return f"undefined in the {side}{what}"
+
+
 def _layout_differences(mine: dict, theirs: dict) -> list[str]:
     diffs = []
     for key in STRUCTURAL_KEYS:
@@ -724,9 +802,19 @@ def _environment_notes(profile: Profile, baseline: Profile) -> list[str]:
 def _compare_value(path: str, quantity: str, a: Any, b: Any, tol: Tolerance,
                    axis: "_FrequencyAxis") -> Move | None:
     """The Move of one value (even within tolerance), or None when they are equal."""
+    index = _index(path)
+    if _not_finite(a) or _not_finite(b):
+        # Before the equality test: the same NaN object `is` itself, and inf == inf, yet a
+        # value that is not a finite number is a broken measurement on either side.
+        where, freq = axis.locate(quantity, index)
+        value = float(a) if _is_number(a) else None
+        base = float(b) if _is_number(b) else None
+        nan = _is_nan(a) or _is_nan(b)
+        return Move(quantity, index, where, freq, base, value, math.nan if nan else math.inf,
+                    tol.allowed(0.0), tol.log_atol is not None,
+                    reason="not a number" if nan else "infinite")
     if a is b or a == b:
         return None
-    index = _index(path)
     where, freq = axis.locate(quantity, index)
     value = float(a) if _is_number(a) else None
     base = float(b) if _is_number(b) else None
@@ -809,6 +897,8 @@ def _short_name(quantity: str) -> str:
 
 
 def _fmt_change(m: Move) -> str:
+    if m.reason:
+        return m.reason
     if not math.isfinite(m.change):
         return "appeared" if m.baseline is None or m.baseline == 0 else "vanished"
     if m.log:

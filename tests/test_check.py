@@ -245,7 +245,7 @@ def test_recorded_difference_is_incomparable(recorded_variants, resnet_baseline,
     result = check(saved(recorded_variants[field], field.replace(" ", "-")), path)
     assert result.exit_code == 2, result.output
     assert result.output.count("incomparable") == 1
-    assert f"{field}: " in result.output
+    assert field in result.output
 
 
 def test_changed_registry_entry_is_incomparable(resnet_baseline, saved, tmp_path):
@@ -299,6 +299,96 @@ def test_tolerance_in_log_space():
     assert tol.for_path("summaries.slope.mean").log_atol is None
     with pytest.raises(PrismError, match="unknown tolerance field"):
         Tolerances.from_mapping({"power": {"ltol": 1}})
+
+
+# ------------------------------------------------------------------------------------------------
+# Values that are not numbers, undefined intervals, incomparable output (synthetic profiles)
+
+
+@pytest.fixture(scope="module")
+def pixel_profiles(tmp_path_factory):
+    """`pixels:8` measured on three random images, on one of them, and in pixel units."""
+    import numpy as np
+    from PIL import Image
+
+    from prism_probe.measure import measure_spectra
+
+    folder = tmp_path_factory.mktemp("random-images")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (three,) = measure_spectra(["pixels:8"], str(folder), device="cpu")
+    (one,) = measure_spectra(["pixels:8"], [str(folder / "0.png")], device="cpu")
+    (pixel,) = measure_spectra(["pixels:8"], str(folder), device="cpu", units="pixel")
+    return {"three": three, "one": one, "pixel": pixel}
+
+
+def edited(profile: Profile, path: Path, edit) -> Path:
+    """``profile`` saved to ``path`` after ``edit(result)``; NaN written as JSON's NaN."""
+    data = json.loads(profile.to_json())
+    edit(data["result"])
+    path.write_text(json.dumps(data))
+    return path
+
+
+NAN_EDITS = {
+    "power": lambda r: r.__setitem__("power", [float("nan")] * len(r["power"])),
+    "dct_band_energy": lambda r: r["dct_band_energy"].__setitem__(2, float("nan")),
+    "summaries.slope.mean": lambda r: r["summaries"]["slope"].__setitem__("mean", float("nan")),
+}
+
+
+@pytest.mark.parametrize("side", ["profile", "baseline", "both"])
+@pytest.mark.parametrize("quantity", sorted(NAN_EDITS))
+def test_nan_is_never_ok(pixel_profiles, tmp_path, quantity, side):
+    good = pixel_profiles["three"].save(tmp_path / "good.json")
+    bad = edited(pixel_profiles["three"], tmp_path / "nan.json", NAN_EDITS[quantity])
+    mine, theirs = {"profile": (bad, good), "baseline": (good, bad), "both": (bad, bad)}[side]
+    result = check(mine, theirs)
+    assert result.exit_code == 1, result.output
+    assert "not a number" in result.output and quantity in result.output
+    assert "ok" not in result.output.split()
+
+    out = json.loads(check(mine, theirs, "--json").output)  # strict JSON: no bare NaN
+    assert out["status"] == "drifted" and out["exit_code"] == 1
+    move = out["moves"][0]
+    assert move["quantity"] == quantity and move["reason"] == "not a number"
+    assert "nan" in (move["value"], move["baseline"])
+
+
+def test_infinite_on_both_sides_fails(pixel_profiles, tmp_path):
+    inf = edited(pixel_profiles["three"], tmp_path / "inf.json",
+                 lambda r: r["power"].__setitem__(3, float("inf")))
+    result = check(inf, inf, "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.output)["moves"][0]["value"] == "inf"
+
+
+def test_null_interval(pixel_profiles, tmp_path):
+    one = pixel_profiles["one"]
+    assert one.result["summaries"]["slope"]["ci95"] is None
+    path = one.save(tmp_path / "one.json")
+    same = check(path, path)  # null on both sides agrees
+    assert same.exit_code == 0, same.output
+
+    nulled = edited(pixel_profiles["three"], tmp_path / "nulled.json",
+                    lambda r: r["summaries"]["slope"].__setitem__("ci95", None))
+    result = check(nulled, pixel_profiles["three"].save(tmp_path / "three.json"))
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())  # the runner's console wraps at 80 columns
+    assert "undefined in the profile (3 images)" in text, result.output
+    assert "— → —" not in text and "appeared" not in text
+
+
+def test_incomparable_lists_each_difference_once(pixel_profiles, tmp_path):
+    cell = pixel_profiles["three"].save(tmp_path / "cell.json")
+    pixel = pixel_profiles["pixel"].save(tmp_path / "pixel.json")
+    result = check(pixel, cell)
+    assert result.exit_code == 2
+    assert result.output.count("'pixel'") == 1, result.output  # the value, in the table only
+    assert " ".join(result.output.split()).count("recorded field(s): protocol units") == 1
+    headline = compare(pixel_profiles["pixel"], pixel_profiles["three"]).headline()
+    assert "protocol units" in headline and "'pixel'" not in headline and len(headline) < 120
 
 
 # ------------------------------------------------------------------------------------------------
