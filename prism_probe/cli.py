@@ -464,7 +464,11 @@ def train_uae_cmd(
     except PrismError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        _interrupted()
+        # Not the generic line: say which checkpoint is left and how to continue from it.
+        from .uae.train import interrupted_message
+
+        typer.echo(interrupted_message(out), err=True)
+        raise typer.Exit(130)
 
 
 @app.command("eval-uae")

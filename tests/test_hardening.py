@@ -454,3 +454,166 @@ def test_a_grid_too_small_for_the_slope_fit_names_encoder_and_fix(tmp_path):
     line = _one_error_line(invoke("spectrum", "pixels:8", "--images", _noise_images(tmp_path),
                                   "--image-size", "32", "--device", "cpu"))
     assert "encoder 'pixels:8'" in line and "4x4 grid" in line and "--image-size" in line
+
+
+# ------------------------------------------------------------------------------------ train-uae
+# A tiny UAE (ResNet-20 encoder, 16-wide conv decoder, no perceptual loss, a handful of CIFAR
+# images) so that each case costs seconds; the cases that fail before any model is built do not
+# train at all.
+
+def _uae_config(tmp_path: Path, cifar_dir: Path, weights: Path, *, steps: int = 1000) -> Path:
+    import yaml
+
+    cfg = {
+        "device": "cpu", "image_size": 32, "weights_dir": str(weights),
+        "encoder": {"name": "resnet20-cifar", "input_size": 32},
+        "decoder": {"kind": "conv", "width": 16, "blocks": 1},
+        "loss": {"perceptual_weight": 0.0},
+        "stages": [{"name": "warmup", "steps": steps, "train": ["modulator", "decoder"]}],
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "ema": 0.9},
+        "data": {"train": str(cifar_dir / "train"), "val": str(cifar_dir / "test"),
+                 "batch_size": 4, "limit": 8, "val_images": 2},
+        "eval": {"every": 100_000, "batch_size": 2, "grid": 0},
+        "checkpoint": {"every": 100_000, "keep": 1},
+    }
+    path = tmp_path / "uae.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train_uae(config: Path, out: Path, *extra):
+    return invoke("train-uae", "--config", config, "--out", out, *extra)
+
+
+CTRL_C_TRAIN = [sys.executable, "-m", "prism_probe.cli", "train-uae"]
+
+
+def test_ctrl_c_during_train_uae_checkpoints_the_finished_step_and_resumes(
+        tmp_path, cifar_dir, shared_weights):
+    from prism_probe.uae import train as T
+
+    config = _uae_config(tmp_path, cifar_dir, shared_weights)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*CTRL_C_TRAIN, "--config", str(config), "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
+        while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no training step"
+            time.sleep(0.05)
+        # Checkpoints are due every 100000 steps: the one found below is the interrupt's.
+        assert not (run / "checkpoint.json").exists()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    record = T.read_checkpoint(run)
+    step = record["step"]
+    lines = [ln for ln in err.splitlines() if ln.startswith("prism-probe:")]
+    assert lines == [f"prism-probe: interrupted; {run} holds the checkpoint of step {step}, "
+                     "continue with --resume"], err
+    assert step >= 1 and T.load_checkpoint_tensors(run, record["weights"])
+    assert T.load_checkpoint_tensors(run, record["optim"])["rng.torch"].numel() > 0
+    assert not [p for p in run.rglob(".*.tmp")]
+
+    r = _train_uae(config, run, "--resume", "--stop-after", step + 1)
+    assert r.exit_code == 0, r.output
+    assert T.read_checkpoint(run)["step"] == step + 1
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["kind"] == "train"]
+    assert steps == list(range(1, step + 2))  # continued, not restarted, no step twice
+
+
+def test_fewer_training_images_than_one_batch_is_an_error_naming_folder_and_fix(
+        tmp_path, cifar_dir, shared_weights):
+    config = _uae_config(tmp_path, cifar_dir, shared_weights)
+    images = _noise_images(tmp_path / "three", n=3)
+    out = tmp_path / "run"
+    line = _one_error_line(_train_uae(config, out, "--set", f"data.train={images}"))
+    assert str(images) in line and "3 training image(s)" in line
+    assert "data.batch_size 4" in line and "data.batch_size to at most 3" in line
+    assert not out.exists()
+
+
+def test_an_empty_class_folder_in_the_training_data_is_named(tmp_path, cifar_dir,
+                                                             shared_weights):
+    config = _uae_config(tmp_path, cifar_dir, shared_weights)
+    root = tmp_path / "classes"
+    _noise_images(root / "cat", n=4)
+    (root / "dog").mkdir()
+    (root / "emu").mkdir()
+    (root / "emu" / "notes.txt").write_text("no images here")
+    out = tmp_path / "run"
+    line = _one_error_line(_train_uae(config, out, "--set", f"data.train={root}"))
+    assert f"class folder(s) with no images in {root}: dog, emu" in line
+    assert not out.exists()
+
+
+def test_train_uae_output_folder_that_cannot_be_written_fails_before_training(
+        tmp_path, cifar_dir, shared_weights, monkeypatch):
+    from prism_probe.uae import train as T
+
+    def never(*a, **k):
+        raise AssertionError("built a model although --out is unusable")
+
+    monkeypatch.setattr(T, "build_uae", never)
+    config = _uae_config(tmp_path, cifar_dir, shared_weights)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    # A path below a plain file cannot be a folder, even for root (chmod would not stop root).
+    line = _one_error_line(_train_uae(config, blocker / "run"))
+    assert str(blocker / "run") in line and "cannot write output" in line and "--out" in line
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory, cifar_dir, shared_weights):
+    base = tmp_path_factory.mktemp("uae-one-step")
+    config = _uae_config(base, cifar_dir, shared_weights)
+    r = _train_uae(config, base / "run", "--stop-after", 1)
+    assert r.exit_code == 0, r.output
+    return config, base / "run"
+
+
+def _damaged_copy(src: Path, dst: Path, name: str, damage) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / name
+    path.write_bytes(damage(path.read_bytes()))
+    return path
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("ckpt/step-0000001.safetensors", lambda b: b[: len(b) // 2]),
+    ("ckpt/step-0000001.optim.safetensors", lambda b: b[:5]),
+    ("checkpoint.json", lambda b: b[: len(b) // 2]),
+    ("checkpoint.json", lambda b: b"[1, 2]"),
+])
+def test_resume_from_a_damaged_checkpoint_names_the_file_and_changes_nothing(
+        tmp_path, one_step_run, name, damage):
+    config, src = one_step_run
+    run = tmp_path / "run"
+    bad = _damaged_copy(src, run, name, damage)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    line = _one_error_line(_train_uae(config, run, "--resume"))
+    assert str(bad) in line and ("damaged" in line or "not a UAE checkpoint" in line)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # Nor does dropping --resume start over on top of it.
+    line = _one_error_line(_train_uae(config, run))
+    assert "already holds a run" in line and "--resume" in line
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_new_run(tmp_path, cifar_dir,
+                                                               shared_weights):
+    config = _uae_config(tmp_path, cifar_dir, shared_weights)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for run in (empty, tmp_path / "absent"):
+        line = _one_error_line(_train_uae(config, run, "--resume"))
+        assert str(run / "checkpoint.json") in line and "without --resume" in line
+    assert list(empty.iterdir()) == [] and not (tmp_path / "absent").exists()

@@ -40,6 +40,10 @@ Run folder
 (model, EMA, teacher, discriminator) and ``ckpt/step-XXXXXXX.optim.safetensors`` (optimiser
 moments, RNG state). Every file is written to a temporary name, flushed and renamed, and
 ``checkpoint.json`` last, so a kill at any moment leaves the previous checkpoint whole.
+Ctrl-C (SIGINT, single process) lets the current step finish, writes its checkpoint and stops
+(the CLI exits 130); ``--resume`` continues from it. A second Ctrl-C stops at once, leaving the
+last committed checkpoint. Before any step, ``--resume`` reads the checkpoint (any damaged or
+missing file is named) and ``--out`` is proven writable.
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from importlib import resources
@@ -63,8 +69,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import PrismError
-from ..profile import atomic_write_text
+from ..errors import ImageSourceError, PrismError
+from ..profile import atomic_write_text, ensure_writable
 from .losses import (PatchDiscriminator, adaptive_weight, band_cosine, build_perceptual,
                      hinge_d_loss, hinge_g_loss, l1_per_image, semantic_loss)
 from .model import UAE, build_uae, sample_generator
@@ -496,14 +502,37 @@ def read_checkpoint(run: Path) -> dict[str, Any]:
     path = Path(run) / "checkpoint.json"
     try:
         record = json.loads(path.read_text())
-    except OSError:
-        raise PrismError(f"{run}: no checkpoint.json (not a UAE run folder, or no checkpoint "
-                         "written yet)") from None
-    except json.JSONDecodeError as exc:
-        raise PrismError(f"{path}: not valid JSON ({exc.msg})") from None
-    if record.get("schema") != CHECKPOINT_SCHEMA:
-        raise PrismError(f"{path}: not a UAE checkpoint (schema {record.get('schema')!r})")
+    except OSError as exc:
+        raise PrismError(f"{path}: cannot read ({exc.strerror}); not a UAE run folder, or no "
+                         "checkpoint written yet (start one with train-uae, without --resume)"
+                         ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise PrismError(f"{path}: not valid JSON ({why}); the checkpoint is damaged, restore "
+                         "it or start a new run in another --out") from None
+    if not isinstance(record, dict) or record.get("schema") != CHECKPOINT_SCHEMA:
+        schema = record.get("schema") if isinstance(record, dict) else None
+        raise PrismError(f"{path}: not a UAE checkpoint (schema {schema!r})")
+    missing = [k for k in ("step", "weights", "optim", "ema_updates", "optimizer")
+               if k not in record]
+    if missing:
+        raise PrismError(f"{path}: damaged checkpoint, lacks {', '.join(missing)}")
     return record
+
+
+def load_checkpoint_tensors(run: Path, name: str) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file ``name`` (relative to ``run``), or a one-line error
+    naming the file (missing, truncated or not safetensors)."""
+    path = Path(run) / name
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise PrismError(f"{path}: missing (named by {Path(run) / 'checkpoint.json'}); restore "
+                         "it or start a new run in another --out") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PrismError(f"{path}: cannot read the checkpoint ({why}); the file is damaged "
+                         "(truncated?), restore it or start a new run in another --out") from None
 
 
 def load_weights_into(model: UAE, tensors: Mapping[str, Tensor], *, use_ema: bool) -> None:
@@ -616,6 +645,45 @@ class _Progress:
         if self.bar is not None:
             self.bar.stop()
 
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _DeferredInterrupt:
+    """While the loop runs, a first Ctrl-C (SIGINT) lets the current step finish, so that the
+    checkpoint then written is a whole step (model, EMA, optimisers and RNG agree) and
+    ``--resume`` continues exactly; a second Ctrl-C stops at once, leaving the last committed
+    checkpoint. Single process only: under torchrun the ranks could see the signal at
+    different steps and wait for each other in a collective forever.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.pending = False
+        self.previous: Any = None
+
+    def _handle(self, signum, frame) -> None:
+        self.pending = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if self.enabled:
+            self.previous = signal.getsignal(signal.SIGINT)
+            if self.previous is signal.SIG_IGN:  # the caller chose to ignore Ctrl-C
+                self.enabled = False
+                return self
+            if not callable(self.previous) and self.previous != signal.SIG_DFL:
+                self.previous = signal.default_int_handler  # installed outside Python
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
+
 
 # ------------------------------------------------------------------------------------------------
 # The loop
@@ -690,7 +758,37 @@ def _collect(folder, limit, seed):
     if path is None:
         raise PrismError("data.train is not set: give an image folder (ImageFolder or flat), "
                          "e.g. --set data.train=../shared/data/cifar10-small/train")
+    _check_class_folders(path)
     return collect_images(path, limit=limit, seed=seed)
+
+
+def _check_class_folders(root: Path) -> None:
+    """In an ImageFolder layout (no images at the top, one sub-folder per class), name the
+    class folders that hold no image: the recursive listing would silently train without
+    them."""
+    from ..data import IMAGE_EXTENSIONS
+
+    def is_image(name: str) -> bool:
+        return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+    if not root.is_dir():
+        return
+    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    if any(e.is_file() and is_image(e.name) for e in entries):
+        return  # a flat folder (sub-folders, if any, are just more images)
+    classes = sorted(e.name for e in entries if e.is_dir())
+
+    def has_image(folder: Path) -> bool:
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            if any(is_image(n) for n in filenames):
+                return True
+        return False
+
+    empty = [c for c in classes if not has_image(root / c)]
+    if empty:
+        raise ImageSourceError(f"class folder(s) with no images in {root}: {', '.join(empty)}; "
+                               "add images or remove the folder(s)")
 
 
 def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
@@ -751,14 +849,30 @@ def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
     if batch % (world * accum):
         raise PrismError(f"data.batch_size {batch} must be a multiple of world size {world} × "
                          f"optim.accum {accum}")
-    if len(train_list) < batch:
-        raise PrismError(f"{len(train_list)} training images are fewer than one batch of "
-                         f"{batch}; lower data.batch_size")
+    if len(train_list) < batch:  # epochs drop the last partial batch: not one step possible
+        more = " or raise data.limit" if dcfg.get("limit") else ""
+        multiple = f" (a multiple of {world * accum})" if world * accum > 1 else ""
+        raise PrismError(f"{_resolve_path(dcfg['train'])}: {len(train_list)} training image(s), "
+                         f"fewer than one batch (data.batch_size {batch}); set data.batch_size "
+                         f"to at most {len(train_list)}{multiple}, add images{more}")
     stages = stage_table(cfg, len(train_list))
     total = stages[-1]["stop"]
     if ocfg.get("warmup_epochs"):  # the paper counts warm-up in epochs
         ocfg["warmup_steps"] = int(float(ocfg["warmup_epochs"]) * (len(train_list) // batch))
     dataset = TrainImages(train_list.paths, int(cfg["image_size"]), seed, dcfg)
+
+    # ---- the run folder: what --resume needs is read, and --out proven writable, before
+    # any model is built or step taken, so a bad folder fails at once and writes nothing
+    record = tensors = otensors = None
+    if resume:
+        record = read_checkpoint(run)
+        tensors = load_checkpoint_tensors(run, record["weights"])
+        otensors = load_checkpoint_tensors(run, record["optim"])
+    elif (run / "checkpoint.json").exists():  # every rank sees it: none starts alone
+        raise PrismError(f"{run} already holds a run; pass --resume to continue it or choose "
+                         "another --out")
+    if rank == 0:
+        ensure_writable(run)
     val_images = load_val(val_list.paths, int(cfg["image_size"]))
 
     # ---- model, losses, optimisers
@@ -782,23 +896,17 @@ def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
             "train_images": train_list.to_dict(), "val_images": val_list.to_dict()}
 
     start = 0
-    if resume:
-        record = read_checkpoint(run)
+    if record is not None:
         start = int(record["step"])
-        tensors = load_file(str(run / record["weights"]))
         load_weights_into(model, tensors, use_ema=False)
         ema.shadow = {k[len("ema."):]: v.clone() for k, v in tensors.items()
                       if k.startswith("ema.")}
         ema.num_updates = int(record["ema_updates"])
-        otensors = load_file(str(run / record["optim"]))
         _optim_load(opt, otensors, record["optimizer"], "opt")
         if disc is not None:
             disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
             _optim_load(dopt, otensors, record["disc_optimizer"], "dopt")
         torch.set_rng_state(otensors["rng.torch"])
-    elif (run / "checkpoint.json").exists():  # every rank sees it: none starts alone
-        raise PrismError(f"{run} already holds a run; pass --resume to continue it or choose "
-                         "another --out")
     stop = total if stop_after is None else min(total, int(stop_after))
 
     if rank == 0:
@@ -853,73 +961,86 @@ def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
     records: list[dict[str, Any]] = []
     current, wrapped = None, model
 
-    for step in range(start, stop):
-        t_step = time.perf_counter()
-        stage = stage_at(stages, step)
-        if stage is not current:  # (re)wrap: DDP only covers the parameters that train now
-            current = stage
-            set_trainable(model, stage)
-            if world > 1:
-                from torch.nn.parallel import DistributedDataParallel as DDP
+    with bar, _DeferredInterrupt(world == 1) as ctrl_c:
+        for step in range(start, stop):
+            t_step = time.perf_counter()
+            stage = stage_at(stages, step)
+            if stage is not current:  # (re)wrap: DDP only covers the parameters that train now
+                current = stage
+                set_trainable(model, stage)
+                if world > 1:
+                    from torch.nn.parallel import DistributedDataParallel as DDP
 
-                wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                              broadcast_buffers=False)
-        lr = lr_at(step, total, ocfg)
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        logs = {"loss": 0.0, "l1": 0.0, "perceptual": 0.0, "semantic": 0.0, "gan": 0.0,
-                "gan_weight": 0.0, "disc": 0.0}
-        params = [p for p in ema_params(model).values() if p.requires_grad]
+                    ids = [device.index] if device.type == "cuda" else None
+                    wrapped = DDP(model, device_ids=ids, broadcast_buffers=False)
+            lr = lr_at(step, total, ocfg)
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            logs = {"loss": 0.0, "l1": 0.0, "perceptual": 0.0, "semantic": 0.0, "gan": 0.0,
+                    "gan_weight": 0.0, "disc": 0.0}
+            params = [p for p in ema_params(model).values() if p.requires_grad]
 
-        for micro in range(accum):
-            idx, x = next(batches)
-            x = x.to(device, non_blocking=True)
-            sync = world > 1 and micro < accum - 1
-            with (wrapped.no_sync() if sync else nullcontext()), autocast():
-                parts = step_losses(wrapped, model, x, idx, step, stage, cfg,
-                                    perceptual=perceptual, disc=disc, world=world)
-            loss, y = parts["loss"], parts["clean"]
-            (loss / accum).backward()
-            if stage["gan"] and disc is not None:
-                disc.requires_grad_(True)
-                with autocast():
-                    logits = disc(torch.cat([x, y.detach()]))
-                    d_loss = hinge_d_loss(logits[:len(x)], logits[len(x):])
-                (d_loss / accum).backward()
-                logs["disc"] += float(d_loss.detach()) / accum
-            for key in ("loss", "l1", "perceptual", "semantic", "gan", "gan_weight"):
-                logs[key] += float(parts[key].detach()) / accum
+            for micro in range(accum):
+                idx, x = next(batches)
+                x = x.to(device, non_blocking=True)
+                sync = world > 1 and micro < accum - 1
+                with (wrapped.no_sync() if sync else nullcontext()), autocast():
+                    parts = step_losses(wrapped, model, x, idx, step, stage, cfg,
+                                        perceptual=perceptual, disc=disc, world=world)
+                loss, y = parts["loss"], parts["clean"]
+                (loss / accum).backward()
+                if stage["gan"] and disc is not None:
+                    disc.requires_grad_(True)
+                    with autocast():
+                        logits = disc(torch.cat([x, y.detach()]))
+                        d_loss = hinge_d_loss(logits[:len(x)], logits[len(x):])
+                    (d_loss / accum).backward()
+                    logs["disc"] += float(d_loss.detach()) / accum
+                for key in ("loss", "l1", "perceptual", "semantic", "gan", "gan_weight"):
+                    logs[key] += float(parts[key].detach()) / accum
 
-        if disc is not None and stage["gan"]:
-            if world > 1:  # the discriminator is small: average its gradients by hand
-                for p in disc.parameters():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
-            dopt.step()
-            dopt.zero_grad(set_to_none=True)
-        clip = float(ocfg["grad_clip"])
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(ema_params(model))
+            if disc is not None and stage["gan"]:
+                if world > 1:  # the discriminator is small: average its gradients by hand
+                    for p in disc.parameters():
+                        if p.grad is not None:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad /= world
+                dopt.step()
+                dopt.zero_grad(set_to_none=True)
+            clip = float(ocfg["grad_clip"])
+            gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(ema_params(model))
 
-        logs = _mean_over_ranks(logs, world, device)
-        img_s = batch / max(time.perf_counter() - t_step, 1e-9)  # global images per second
-        rec_out = {"kind": "train", "step": step + 1, "stage": stage["name"], "lr": lr,
-                   "grad_norm": float(gnorm), **logs}
-        records.append(rec_out)
-        write_metrics({**rec_out, "img_s": img_s})
-        bar.update(step + 1, f"{stage['name']} loss {logs['loss']:.4f} lr {lr:.2e} "
-                             f"{img_s:.1f} img/s")
-        if (step + 1) % int(cfg["eval"]["every"]) == 0 or step + 1 == total:
-            evaluate(step + 1)
-        if (step + 1) % int(cfg["checkpoint"]["every"]) == 0 or step + 1 in (stop, total):
-            checkpoint(step + 1)
-    bar.close()
+            logs = _mean_over_ranks(logs, world, device)
+            img_s = batch / max(time.perf_counter() - t_step, 1e-9)  # global images per second
+            rec_out = {"kind": "train", "step": step + 1, "stage": stage["name"], "lr": lr,
+                       "grad_norm": float(gnorm), **logs}
+            records.append(rec_out)
+            write_metrics({**rec_out, "img_s": img_s})
+            bar.update(step + 1, f"{stage['name']} loss {logs['loss']:.4f} lr {lr:.2e} "
+                                 f"{img_s:.1f} img/s")
+            if (step + 1) % int(cfg["eval"]["every"]) == 0 or step + 1 == total:
+                evaluate(step + 1)
+            every = int(cfg["checkpoint"]["every"])
+            if (step + 1) % every == 0 or step + 1 in (stop, total) or ctrl_c.pending:
+                checkpoint(step + 1)
+            if ctrl_c.pending and step + 1 < stop:
+                raise KeyboardInterrupt  # after the checkpoint of this finished step
     if world > 1:
         torch.distributed.destroy_process_group()
     return records
+
+
+def interrupted_message(run) -> str:
+    """The line printed when Ctrl-C stops a run: what ``run`` holds to resume from."""
+    try:
+        step = int(read_checkpoint(Path(run))["step"])
+    except PrismError:
+        return f"prism-probe: interrupted before the first checkpoint; nothing in {run} to resume"
+    return (f"prism-probe: interrupted; {run} holds the checkpoint of step {step}, continue with "
+            "--resume")
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -958,6 +1079,9 @@ def main(argv=None) -> int:
     except PrismError as exc:
         print(f"prism-probe: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(interrupted_message(args.out), file=sys.stderr)
+        return 130
     return 0
 
 
