@@ -617,3 +617,18 @@ def test_resume_without_a_checkpoint_is_an_error_not_a_new_run(tmp_path, cifar_d
         line = _one_error_line(_train_uae(config, run, "--resume"))
         assert str(run / "checkpoint.json") in line and "without --resume" in line
     assert list(empty.iterdir()) == [] and not (tmp_path / "absent").exists()
+
+
+def test_uae_run_with_damaged_files_is_one_line_error(tmp_path):
+    """eval-uae / uae:RUN on a run folder whose config.json is damaged: one line naming it."""
+    from prism_probe.errors import PrismError
+    from prism_probe.uae.eval import load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(PrismError, match=r"config.json: damaged"):
+        load_run(run)
+    (run / "config.json").write_text("[1, 2]")
+    with pytest.raises(PrismError, match="not a UAE run config"):
+        load_run(run)

@@ -75,10 +75,8 @@ def load_run(run: str | Path, *, device="cpu", use_ema: bool = True):
     loading needs no teacher weights. Returns ``(model, config, checkpoint_record)``; the model
     is in eval mode without its teacher.
     """
-    from safetensors.torch import load_file
-
     from .model import build_uae
-    from .train import load_weights_into, read_checkpoint
+    from .train import load_checkpoint_tensors, load_weights_into, read_checkpoint
 
     run = Path(run)
     try:
@@ -86,10 +84,15 @@ def load_run(run: str | Path, *, device="cpu", use_ema: bool = True):
     except OSError:
         raise PrismError(f"{run}: no config.json; name a folder written by "
                          "`prism-probe train-uae --out RUN`") from None
+    except json.JSONDecodeError as exc:
+        raise PrismError(f"{run / 'config.json'}: damaged ({exc.msg} at line {exc.lineno}); "
+                         "restore it from the run's copy or retrain") from None
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise PrismError(f"{run / 'config.json'}: not a UAE run config (no 'config' field)")
     record = read_checkpoint(run)
     cfg = saved["config"]
     model = build_uae(cfg, device=device, teacher=False, random_encoder=True)
-    load_weights_into(model, load_file(str(run / record["weights"])), use_ema=use_ema)
+    load_weights_into(model, load_checkpoint_tensors(run, record["weights"]), use_ema=use_ema)
     return model.eval().requires_grad_(False), cfg, record
 
 
