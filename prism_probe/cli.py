@@ -28,12 +28,28 @@ app = typer.Typer(
 )
 log = logging.getLogger("prism_probe")
 
-RegistryOpt = typer.Option(None, "--registry", help="Extra registry YAML file(s); later wins.",
-                           envvar="PRISM_PROBE_REGISTRY_FILE")
+RegistryOpt = typer.Option(None, "--registry", help="Extra registry YAML file(s); later wins "
+                           "(also PRISM_PROBE_REGISTRY, several separated by ':').")
 WeightsOpt = typer.Option(None, "--weights", help="Folder searched first for weight files "
                           "(also PRISM_PROBE_WEIGHTS).")
+SlopeOpt = typer.Option("0.05,0.4", "--slope-range", help="Frequencies LO,HI (in --units) "
+                        "over which the log-log slope is fitted.")
 ImagesOpt = typer.Option(None, "--images", help="Folder (recursive), glob, or text file of "
                          "paths; default: the photos scikit-image ships.")
+
+
+def _spectrum_config(window: str, keep_mean: bool, bands: int, cutoff: float, slope: str):
+    """The SpectrumConfig that the spectrum and baseline options describe."""
+    from .spectra import SpectrumConfig
+
+    try:
+        lo, hi = (float(v) for v in slope.split(","))
+    except ValueError:
+        raise PrismError(f"--slope-range {slope!r}: give two frequencies LO,HI, e.g. "
+                         "--slope-range 0.05,0.4") from None
+    return SpectrumConfig(window=None if window.lower() == "none" else window,
+                          remove_mean=not keep_mean, n_dct_bands=bands, low_cutoff=cutoff,
+                          slope_range=(lo, hi))
 
 
 def _stderr_console():
@@ -117,6 +133,7 @@ def encoders_cmd(
     from rich.table import Table
 
     mark = {"local": "[green]local[/]", "cache": "[green]cache[/]", "builtin": "built-in",
+            "run": "name a run: uae:RUN",
             "missing": "[dim]missing[/]"}
     table = Table(title=f"{len(rows)} encoders ({', '.join(str(f) for f in reg.files)})")
     for col in ("name", "family", "backend", "identifier", "input", "layer", "weights"):
@@ -161,7 +178,9 @@ def spectrum_cmd(
     no_mean: bool = typer.Option(False, "--keep-mean", help="Do not subtract each channel's "
                                  "spatial mean."),
     cutoff: float = typer.Option(0.125, "--cutoff", help="Low-band share cutoff, in --units."),
-    bands: int = typer.Option(10, "--bands", min=1, help="DCT zig-zag bands for e(k)."),
+    bands: int = typer.Option(10, "--bands", min=0, help="DCT zig-zag bands for e(k); 0 "
+                              "skips the DCT measure."),
+    slope_range: str = SlopeOpt,
     video: Optional[List[str]] = typer.Option(
         None, "--video", help="Video files or frame folders (one clip each): video entries "
         "encode clips, image entries run per frame (docs/modalities.md)."),
@@ -190,10 +209,7 @@ def spectrum_cmd(
         from .measure import is_main_process, measure_spectra
         from .profile import ensure_writable
         from .report import spectrum_table, write_outputs
-        from .spectra import SpectrumConfig
-
-        config = SpectrumConfig(window=None if window.lower() == "none" else window,
-                                remove_mean=not no_mean, n_dct_bands=bands, low_cutoff=cutoff)
+        config = _spectrum_config(window, no_mean, bands, cutoff, slope_range)
         if out and is_main_process():
             ensure_writable(out)  # fail now, not after a long measurement
         progress = _progress(not as_json and is_main_process())
@@ -257,10 +273,9 @@ def plot_cmd(
 ):
     """Redraw the comparison figure from saved profiles."""
     try:
-        from .plot import plot_profiles
-        from .profile import Profile
+        from .plot import load_profiles, plot_profiles
 
-        loaded = [Profile.load(p) for p in profiles]
+        loaded = load_profiles(profiles)  # remembers each path, for messages naming the file
         if any(p.protocol.get("modality", "image") != "image" for p in loaded):
             from .plot_nd import plot_any  # video and sequence figures have their own panels
 
@@ -333,17 +348,17 @@ def baseline_cmd(
     window: str = typer.Option("hann", "--window", help="hann or none."),
     no_mean: bool = typer.Option(False, "--keep-mean", help="Do not subtract channel means."),
     cutoff: float = typer.Option(0.125, "--cutoff", help="Low-band share cutoff, in --units."),
-    bands: int = typer.Option(10, "--bands", min=1, help="DCT zig-zag bands for e(k)."),
+    bands: int = typer.Option(10, "--bands", min=0, help="DCT zig-zag bands for e(k); 0 "
+                              "skips the DCT measure."),
+    slope_range: str = SlopeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Measure one encoder reproducibly and write (or update) a baseline profile."""
     _setup_logging(verbose)
     try:
         from .check import measure_baseline, write_baseline
-        from .spectra import SpectrumConfig
 
-        config = SpectrumConfig(window=None if window.lower() == "none" else window,
-                                remove_mean=not no_mean, n_dct_bands=bands, low_cutoff=cutoff)
+        config = _spectrum_config(window, no_mean, bands, cutoff, slope_range)
         profile = measure_baseline(
             encoder, images, threads=threads, registry=_registry(registry), weights_dir=weights,
             device=device, image_size=image_size, limit=limit, seed=seed, config=config,

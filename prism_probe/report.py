@@ -67,7 +67,8 @@ def spectrum_table(profiles: Sequence[Profile]):
                 row.append(f"{fmt.format(m)} (no interval: 1 image)")
             else:
                 row.append(f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]")
-        row.append(f"{p.result['dct_band_energy'][0]:.3f}")
+        e = p.result.get("dct_band_energy") or []
+        row.append(f"{e[0]:.3f}" if e else "–")
         table.add_row(*row)
     return table
 

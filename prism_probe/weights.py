@@ -131,12 +131,13 @@ def presence(entry: EncoderEntry, dirs: Iterable[Path] = ()) -> tuple[str, str |
     """Whether the entry's weights are here without any network: (state, where).
 
     state is ``"local"`` (a weights folder or the download cache), ``"cache"`` (the hub cache),
-    ``"builtin"`` (needs no weights) or ``"missing"``.
+    ``"builtin"`` (needs no weights), ``"run"`` (a UAE run folder named as ``uae:RUN``) or
+    ``"missing"``.
     """
     if entry.backend == "pixels":
         return "builtin", None
     if entry.backend == "uae":
-        return "builtin", None
+        return "run", None  # weights live in a run folder named on the command line
     p = find_local(entry, list(dirs))
     if p is not None:
         return "local", str(p)
