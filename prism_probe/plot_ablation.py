@@ -2,8 +2,10 @@
 
 The figure has one panel per score (own-head, kNN, linear probe, cosine; or PSNR, SSIM for
 latent ablation), score against cutoff, one colour per encoder and one line style per band
-type, and each encoder's unablated score as a dotted horizontal line. Several encoders share
-one figure; its caption states the mode, units, domain and image count from the profiles.
+type (low-pass solid with round markers, high-pass long dashes with square markers, so they
+differ in a small legend too), and each encoder's unablated score as a dotted horizontal line.
+Several encoders share one figure; the legend sits below the panels, where it covers no line,
+and the caption states the mode, units, domain and image count from the profiles.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import PrismError
-from .plot import save_figure
+from .plot import figure_targets, save_figure
 from .profile import Profile, profile_filename
 
 #: Scores in display order, with their axis labels.
@@ -27,7 +29,26 @@ SCORES = {
     "ssim_vs_recon": "SSIM vs reconstruction",
     "spectrum_high_share": "power share > 0.25 cyc/px",
 }
-STYLES = {"low": "-", "high": "--"}
+#: Line style per band type: (dashes, marker). Matplotlib's "--" is too short to tell from a
+#: solid line in a legend handle, hence explicit long dashes.
+STYLES = {"low": ((0, ()), "o"), "high": ((0, (6, 3)), "s")}
+
+
+def validate_ablation(p: Profile) -> None:
+    """Refuse, in one line naming the file and field, an ablation profile that cannot be drawn."""
+    name = getattr(p, "source", None) or f"the ablation profile of {p.label}"
+    r = p.result if isinstance(p.result, dict) else {}
+    for key, kind in (("unablated", dict), ("rows", list), ("units", str)):
+        if not isinstance(r.get(key), kind):
+            raise PrismError(f"{name}: result {key} is missing or malformed; is it a profile "
+                             "from `ablate`?")
+    ab = p.protocol.get("ablation")
+    if not isinstance(ab, dict) or "mode" not in ab or "domain" not in ab:
+        raise PrismError(f"{name}: protocol ablation (mode, domain) is missing")
+    for i, row in enumerate(r["rows"]):
+        if not isinstance(row, dict) or not isinstance(row.get("scores"), dict) \
+                or "band" not in row or "cutoff" not in row:
+            raise PrismError(f"{name}: result rows[{i}] lacks band, cutoff or scores")
 
 
 def scores_of(profiles: Sequence[Profile]) -> list[str]:
@@ -98,6 +119,9 @@ def plot_ablation(profiles: Sequence[Profile], out: str | Path, *, pdf: bool = F
         raise PrismError("nothing to plot: give at least one ablation profile")
     if any(p.kind != "ablation" for p in profiles):
         raise PrismError("plot_ablation draws profiles of kind 'ablation' (from `ablate`)")
+    figure_targets(out, pdf)
+    for p in profiles:
+        validate_ablation(p)
     names = [n for n in scores_of(profiles) if n not in ("psnr_vs_recon",)]
     if not names:
         raise PrismError("the ablation profiles hold no scores to plot")
@@ -117,12 +141,13 @@ def plot_ablation(profiles: Sequence[Profile], out: str | Path, *, pdf: bool = F
         for ax, name in zip(axes.flat, names):
             for i, p in enumerate(profiles):
                 color = f"C{i % 10}"
-                for band, style in STYLES.items():
+                for band, (dashes, marker) in STYLES.items():
                     pts = [(r["cutoff"], r["scores"][name]) for r in p.result["rows"]
-                           if r["band"] == band and name in r["scores"]]
+                           if r["band"] == band and name in r["scores"]
+                           and r["cutoff"] is not None and r["scores"][name] is not None]
                     if pts:
                         xs, ys = zip(*sorted(pts))
-                        ax.plot(xs, ys, style, marker="o", ms=3, color=color,
+                        ax.plot(xs, ys, linestyle=dashes, marker=marker, ms=4, color=color,
                                 label=f"{p.label} {band}-pass")
                 ref = p.result["unablated"].get(name)
                 if ref is not None:
@@ -134,14 +159,20 @@ def plot_ablation(profiles: Sequence[Profile], out: str | Path, *, pdf: bool = F
             _plot_spectra(axes.flat[len(names)], p0)
         for ax in list(axes.flat)[n_panels:]:
             ax.axis("off")
-        axes.flat[0].legend(frameon=False, fontsize=font_size * 0.8)
         mode = p0.protocol["ablation"]["mode"]
         where = f" at {p0.protocol['ablation']['layer']}" if mode == "feature" else ""
         n = sorted({p.images.get("n_used") for p in profiles})
         fig.suptitle(f"Band ablation ({mode}{where}); low-pass keeps |f| ≤ cutoff, high-pass "
                      f"the rest; domain {p0.protocol['ablation']['domain']}; "
                      f"{'/'.join(map(str, n))} images", fontsize=font_size)
-        fig.tight_layout()
+        # Below the panels: inside the first one, it covered the unablated line.
+        handles, texts = axes.flat[0].get_legend_handles_labels()
+        ncol_legend = min(len(texts), 3 * max(1, len(profiles))) or 1
+        nrow_legend = -(-len(texts) // ncol_legend)
+        bottom = min(0.4, (0.15 + 0.2 * nrow_legend) / (3.2 * nrow))  # inches → share
+        fig.legend(handles, texts, loc="lower center", ncol=ncol_legend, frameon=False,
+                   fontsize=font_size * 0.8, handlelength=3.5)
+        fig.tight_layout(rect=(0, bottom, 1, 1))
         written = save_figure(fig, out, pdf)
         plt.close(fig)
     return written
