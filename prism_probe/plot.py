@@ -117,9 +117,9 @@ def validate_spectrum(p: Profile, units: str, normalize: str = "white",
     energy = _array(p, r["dct_band_energy"], "dct_band_energy")
     if r.get("dct_band_energy_stderr") is not None:
         _array(p, r["dct_band_energy_stderr"], "dct_band_energy_stderr", len(energy))
-    if yscale == "log" and not (power > 0).any():
-        raise PrismError(f"{_name(p)}: result power has no positive value to draw on a log "
-                         "axis; use --yscale linear")
+    if (power < 0).any():
+        raise PrismError(f"{_name(p)}: result power has negative values; power cannot be "
+                         "negative: re-measure it")
 
 
 def _set_up_warnings(profiles: Sequence[Profile]) -> list[str]:
@@ -265,6 +265,13 @@ def plot_profiles(
         fig, (ax, bx) = plt.subplots(1, 2, figsize=size, gridspec_kw={"width_ratios": [3, 2]})
         for i, p in enumerate(profiles):
             f, y, ci = _curve(p, units, normalize)
+            if yscale == "log" and not (y > 0).any():
+                # Constant maps (blank images) have no power to draw on a log axis; the profile
+                # records them (n_zero_power), the figure says they are left out.
+                log.warning("%s: zero power at every frequency (constant feature maps); left "
+                            "out of the log-scale spectrum panel", labels[i])
+                ax.plot([], [], color=f"C{i % 10}", label=labels[i] + " — zero power")
+                continue
             keep = f > 0 if xscale == "log" else np.ones_like(f, dtype=bool)
             color = f"C{i % 10}"
             style = "--" if p.family == "pixel" else "-"

@@ -1,6 +1,6 @@
 """Hostile and careless use of the CLI and API: every failure is one line, early, non-zero, and
 leaves nothing half-written (issue 7). Cases already tested next to their module are listed in
-docs/hardening.md rather than repeated here.
+README.md ("What happens when…") rather than repeated here.
 
 The CLI runs in-process (Typer's CliRunner) on tiny images with the ``pixels`` encoder, so no
 model weights are needed; a real process is used only where a signal or a kill is the point.

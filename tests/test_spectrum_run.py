@@ -54,7 +54,8 @@ def test_main_job_writes_profiles_and_figure(tmp_path, shared_weights, imagenet_
     r = invoke("plot", out / "taef2.json", out / "resnet56-cifar.json", "-o", fig,
                "--width", 7, "--height", 3, "--font-size", 7, "--yscale", "linear")
     assert r.exit_code == 0, r.output
-    assert fig.read_bytes()[:5] == b"%PDF-" and fig.with_suffix(".png").exists()
+    # The format follows the suffix: a .pdf name gives a PDF only.
+    assert fig.read_bytes()[:5] == b"%PDF-" and not fig.with_suffix(".png").exists()
 
 
 def test_json_on_stdout_logs_on_stderr(shared_weights, imagenet16):
