@@ -568,6 +568,20 @@ def load_and_compare(profile: str | Path, baseline: str | Path,
 # Baselines
 
 
+def _portable(profile: Profile) -> Profile:
+    """The profile with local weight paths cut to their file name.
+
+    A baseline is kept in version control and checked on other machines; the weights are
+    identified by their sha256, so the folder they were read from on this machine is noise.
+    """
+    weights = profile.encoder.get("weights") or {}
+    loc = weights.get("location")
+    if weights.get("source") in ("file", "url") and loc and Path(loc).is_absolute():
+        encoder = {**profile.encoder, "weights": {**weights, "location": Path(loc).name}}
+        profile = replace(profile, encoder=encoder)
+    return profile
+
+
 def write_baseline(profile: Profile, path: str | Path, *, force: bool = False) -> str:
     """Write ``profile`` as the baseline at ``path``.
 
@@ -592,6 +606,7 @@ def write_baseline(profile: Profile, path: str | Path, *, force: bool = False) -
         ``path`` holds a baseline of another set-up, or an unreadable one, and ``force`` is off.
     """
     path = Path(path)
+    profile = _portable(profile)
     if not path.exists():
         profile.save(path)
         return "created"
