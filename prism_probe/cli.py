@@ -209,6 +209,7 @@ def spectrum_cmd(
         from .measure import is_main_process, measure_spectra
         from .profile import ensure_writable
         from .report import spectrum_table, write_outputs
+
         config = _spectrum_config(window, no_mean, bands, cutoff, slope_range)
         if out and is_main_process():
             ensure_writable(out)  # fail now, not after a long measurement
