@@ -542,10 +542,11 @@ NOTES = """## What dominates, and why
   `n_dct_bands=0` skips it.
 - On a CPU shared with other processes every parallel operator waits at an OpenMP barrier for a
   descheduled thread. The update runs ~25 operators against the floor's ~4, so on two threads
-  it pays the barrier ~6× as often; it therefore runs on one intra-op thread for batches up to
-  32 MB (`_SERIAL_MAX_NUMEL` in `prism_probe/spectra.py`), which is what brings small-encoder
-  batches from ~140 ms to a few ms. The one-thread floor row shows the same effect on the
-  floor; ratios are taken against the default (multi-thread) floor, as issue 6 defines it.
+  it pays the barrier ~6× as often; it therefore runs on one intra-op thread for tiny batches
+  (up to 512 kB, `_SERIAL_MAX_NUMEL` in `prism_probe/spectra.py`), which brings small-encoder
+  batches on a loaded machine from ~140 ms to a few ms; larger batches use every thread, which
+  on idle cores is 1.4–2× faster. Ratios are taken against the default (multi-thread) floor, as
+  issue 6 defines it; the one-thread floor row is the reference for single-thread use.
 - End to end the spectra are ~1 % of a ViT-B forward. For the small CIFAR ResNets at 32 px the
   forward is a few ms per image, and JPEG decoding (already at reduced size through `draft`) is of
   the same order: decoding in worker processes (`--workers`, one thread each) takes it off the

@@ -771,13 +771,13 @@ def _mean_interval(values: np.ndarray, bounds: tuple[float, float] | None = None
 
 _SUMMARIES = ("low_band_share", "centroid", "slope")
 
-# Up to this many elements per batch (32 MB of float32) the update runs on one intra-op thread.
-# Its ~25 operators are short and mostly memory-bound, so a second thread gains little, while
-# every operator pays an OpenMP barrier; on a CPU shared with other work, decoding workers
-# included, a barrier waits a whole time slice for a descheduled thread: on two loaded cores a
-# 32x64x8x8 batch took 140 ms on two threads and 5 ms on one, a 32x768x16x16 batch 290 ms and
-# 160 ms (see BENCHMARKS.md). Larger batches keep the caller's thread count.
-_SERIAL_MAX_NUMEL = 1 << 23
+# Up to this many elements per batch (512 kB of float32) the update runs on one intra-op thread.
+# Its ~25 operators are then so short that a second thread gains nothing, while each one pays an
+# OpenMP barrier, and on a CPU shared with other work (decoding workers included) a barrier can
+# wait a whole time slice for a descheduled thread (on two loaded cores a 32x64x8x8 batch took
+# 140 ms on two threads and 5 ms on one). Larger batches keep the caller's thread count: on idle
+# cores two threads are 1.4-2x faster at the sizes of BENCHMARKS.md.
+_SERIAL_MAX_NUMEL = 1 << 17
 
 
 @contextmanager
