@@ -228,9 +228,15 @@ def collect_images(
     for among the selected files unless ``dedupe=True``.
     """
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ImageSourceError(f"limit={limit!r} is not a positive integer; pass e.g. limit=100")
+        raise ImageSourceError(f"limit={limit!r} is not a positive integer; pass e.g. --limit 100")
 
     paths, root, description, missing = _resolve_source(source)
+    if not paths and missing:
+        first, reason = missing[0]
+        raise NoImagesError(
+            f"none of the {len(missing)} files named in {description} can be read (first: "
+            f"{first}: {reason}); paths in a list file are taken relative to the list's folder"
+        )
     if not paths:
         where = description
         raise NoImagesError(

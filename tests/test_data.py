@@ -732,3 +732,14 @@ def test_fuzz_damaged_real_jpegs(tmp_path):
         (tmp_path / f"{i:03d}.jpg").write_bytes(_damage(rng.choice(blobs), rng))
 
     _check_all_read_or_reported(tmp_path, n)
+
+
+def test_list_file_whose_every_entry_is_missing_says_so(tmp_path):
+    """Not 'no image files': the list names files, none of which exist."""
+    from prism_probe.data import collect_images
+    from prism_probe.errors import NoImagesError
+
+    lst = tmp_path / "list.txt"
+    lst.write_text("gone1.png\ngone2.png\n")
+    with pytest.raises(NoImagesError, match=r"none of the 2 files named in .*gone1.png"):
+        collect_images(lst)
