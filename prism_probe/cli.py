@@ -358,8 +358,10 @@ def baseline_cmd(
     _setup_logging(verbose)
     try:
         from .check import measure_baseline, write_baseline
+        from .profile import ensure_writable
 
         config = _spectrum_config(window, no_mean, bands, cutoff, slope_range)
+        ensure_writable(Path(out).parent)  # fail now, not after the measurement
         profile = measure_baseline(
             encoder, images, threads=threads, registry=_registry(registry), weights_dir=weights,
             device=device, image_size=image_size, limit=limit, seed=seed, config=config,
@@ -367,6 +369,8 @@ def baseline_cmd(
         action = write_baseline(profile, out, force=force)
     except PrismError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted()
     typer.echo(f"{action} {out} ({profile.label}, {profile.images['n_used']} images)")
 
 
@@ -433,6 +437,10 @@ def ablate_cmd(
         config = AblationConfig(mode=mode, bands=tuple(b for b in bands.split(",") if b),
                                 cutoffs=tuple(_floats(cutoffs, "--cutoffs")), layer=layer,
                                 domain=domain, transition=transition, seed=seed)
+        if out and is_main_process():
+            from .profile import ensure_writable
+
+            ensure_writable(out)  # fail now, not after a long sweep
         progress = _progress(not as_json and is_main_process())
         with progress or nullcontext():
             profiles = run_ablation(
@@ -445,6 +453,8 @@ def ablate_cmd(
         written = write_ablation_outputs(profiles, out) if out else []
     except PrismError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted()
     if as_json:
         typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
     else:

@@ -632,3 +632,26 @@ def test_uae_run_with_damaged_files_is_one_line_error(tmp_path):
     (run / "config.json").write_text("[1, 2]")
     with pytest.raises(PrismError, match="not a UAE run config"):
         load_run(run)
+
+
+def test_ablate_and_baseline_refuse_an_unwritable_out_before_measuring(tmp_path, monkeypatch):
+    """The same early check as `spectrum`: nothing is measured when --out cannot be written."""
+    import prism_probe.check as C
+    import prism_probe.probes as PR
+
+    images = _noise_images(tmp_path / "img")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+
+    def never(*a, **k):
+        raise AssertionError("measured although the output folder is unusable")
+
+    monkeypatch.setattr(PR, "run_ablation", never)
+    monkeypatch.setattr(C, "measure_baseline", never)
+    line = _one_error_line(invoke("ablate", "pixels:4", "--mode", "input", "--images", images,
+                                  "--image-size", "32", "--out", blocker / "sub"))
+    assert str(blocker / "sub") in line and "cannot write output" in line
+    line = _one_error_line(invoke("baseline", "pixels:4", "--images", images, "--image-size",
+                                  "32", "--out", blocker / "sub" / "b.json"))
+    assert str(blocker / "sub") in line and "cannot write output" in line
+    assert blocker.read_text() == "keep me"
