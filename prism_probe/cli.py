@@ -385,16 +385,19 @@ def _floats(text: str, what: str) -> list[float]:
 def ablate_cmd(
     encoders: List[str] = typer.Argument(..., help="Registry names (random:NAME too); several "
                                          "encoders share one table and one figure."),
-    mode: str = typer.Option("input", "--mode", help="input: filter the images (cutoffs in "
-                             "cycles per input pixel); feature: filter the map at --layer and "
-                             "continue the forward pass; latent: filter an autoencoder's "
-                             "latent and decode (cutoffs in cycles per cell)."),
+    mode: Optional[str] = typer.Option(
+        None, "--mode", help="input (default): filter the images (cutoffs in cycles per input "
+        "pixel); feature: filter the map at --layer and continue the forward pass; latent: "
+        "filter an autoencoder's latent and decode (cutoffs in cycles per cell). With --video: "
+        "tokens (default; block --layer's tokens along time, cycles per temporal cell) or input "
+        "(the frames along time, cycles per frame); with --text: tokens only."),
     bands: str = typer.Option("low,high", "--bands", help="Comma-separated: low, high, all."),
     cutoffs: str = typer.Option("0,0.05,0.1,0.2,0.3,0.5", "--cutoffs", help="Radial cutoffs; "
                                 "a low-pass keeps |f| <= cutoff, a high-pass the rest."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Split point for --mode feature "
                                         "(layer1/layer2 for CIFAR ResNets, blocks.K for ViTs); "
-                                        "the last map before a global pool is refused."),
+                                        "the last map before a global pool is refused. With "
+                                        "--video/--text: a block index (default 0)."),
     domain: str = typer.Option("fft", "--domain", help="fft (radial rings) or dct."),
     transition: float = typer.Option(0.0, "--transition", help="Raised-cosine width, in cutoff "
                                      "units (0: ideal mask)."),
@@ -420,11 +423,42 @@ def ablate_cmd(
                                           "threads (1 is fastest on a busy CPU)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Override every "
                                              "encoder's input size (pixels)."),
+    video: Optional[List[str]] = typer.Option(
+        None, "--video", help="Video files or frame folders (one clip each): temporal band "
+        "ablation (prism_probe.video.ablate_video); cosine, relative change and kept energy of "
+        "the final features; --out writes JSON profiles and ablation.png."),
+    synthetic_motion: Optional[str] = typer.Option(
+        None, "--synthetic-motion", help="pan or zoom: clips made from the --images stills, "
+        "ablated as with --video."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Frames per clip "
+                                         "(default: the first video entry's, else 16)."),
+    frame_step: int = typer.Option(1, "--frame-step", min=1, help="Decoded frames between "
+                                   "clip frames."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text file (one sequence per "
+                                        "line) or FASTA: token-axis ablation of sequence "
+                                        "entries (prism_probe.sequence.ablate_sequence); "
+                                        "--out as for --video."),
     as_json: bool = typer.Option(False, "--json", help="Print the profiles as JSON on stdout."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Remove a band of spatial frequencies and measure what is lost (score vs cutoff)."""
+    """Remove a band of spatial frequencies and measure what is lost (score vs cutoff).
+
+    With --video/--synthetic-motion the band is temporal, with --text along tokens
+    (docs/modalities.md); --train, --test, --per-class, --workers, --image-size, --dtype and
+    --domain are image-only and refused there.
+    """
     _setup_logging(verbose, quiet=as_json)
+    if video or synthetic_motion or text is not None:
+        _ablate_nd(encoders, mode=mode, bands=bands, cutoffs=cutoffs, layer=layer,
+                   transition=transition, video=video, synthetic_motion=synthetic_motion,
+                   text=text, frames=frames, frame_step=frame_step, images=images,
+                   limit=limit, seed=seed, out=out, registry=registry, weights=weights,
+                   device=device, batch_size=batch_size, threads=threads, as_json=as_json,
+                   image_options={"train": train, "test": test, "per_class": per_class,
+                                  "workers": workers, "image_size": image_size,
+                                  "dtype": dtype, "domain": domain})
+        return
+    mode = mode or "input"
     try:
         from .measure import is_main_process
         from .plot_ablation import ablation_table, write_ablation_outputs
@@ -459,6 +493,43 @@ def ablate_cmd(
         typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
     else:
         _stdout_console().print(ablation_table(profiles))
+    for path in written:
+        log.info("wrote %s", path)
+
+
+def _ablate_nd(encoders, *, mode, bands, cutoffs, layer, threads, as_json, out, registry,
+               weights, **kwargs) -> None:
+    """``ablate --video/--synthetic-motion/--text``: prism_probe.modalities.run_ablation_nd."""
+    try:
+        from .modalities import run_ablation_nd
+        from .profile import ensure_writable
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        try:
+            block = 0 if layer is None else int(layer)
+        except ValueError:
+            raise PrismError(f"--layer {layer!r}: with --video/--text give a block index, "
+                             "e.g. 0") from None
+        if out:
+            ensure_writable(out)  # fail now, not after a long sweep
+        progress = _progress(not as_json)
+        with progress or nullcontext():
+            profiles, table, written = run_ablation_nd(
+                encoders, mode=mode, bands=tuple(b for b in bands.split(",") if b),
+                cutoffs=tuple(_floats(cutoffs, "--cutoffs")), layer=block, out=out,
+                registry=_registry(registry), weights_dir=weights, progress=progress,
+                **{**kwargs, "batch_size": min(kwargs["batch_size"], 8)})
+    except PrismError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted()
+    if as_json:
+        typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
+    else:
+        _stdout_console().print(table)
     for path in written:
         log.info("wrote %s", path)
 

@@ -224,3 +224,67 @@ def test_cli_text_offline_fails_with_the_offline_message(tmp_path):
     assert "weights for 'esm2-8m' not found" in res.output
     res = CliRunner().invoke(app, ["spectrum", "esm2-8m", "--text", str(text), "--grid", "8"])
     assert res.exit_code == 2 and "--grid applies to images only" in res.output
+
+
+# ---------------------------------------------------------------- ablate --text (the CLI)
+
+
+def _tiny_text_setup(tmp_path):
+    """A registry YAML naming a tiny BERT whose tokenizer is a local folder, and a text file."""
+    import yaml
+    from transformers import BertTokenizer
+
+    words = [chr(ord("a") + i) for i in range(16)]
+    vocab = (["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)]
+             + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)
+    assert len(vocab) == 120
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok_dir = tmp_path / "tok"
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(str(tok_dir))
+    config, special = CONFIGS["bert"]
+    entry = {"family": "semantic", "modality": "sequence",
+             "backend": "transformers_sequence", "id": "tiny", "input": {"max_tokens": 128},
+             "features": {"layer": "all"}, "description": "test",
+             "options": {"config": config, "special_ids": special,
+                         "tokenizer": str(tok_dir)}}
+    reg = tmp_path / "tiny-seq.yaml"
+    reg.write_text(yaml.safe_dump({"version": 1, "encoders": {"tiny-bert": entry}}))
+    rng = np.random.default_rng(0)
+    text = tmp_path / "s.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words, n)) for n in (24, 31, 40)) + "\n")
+    return reg, text
+
+
+def test_cli_ablate_text_all_pass_is_exact_and_writes_a_profile(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from prism_probe.cli import app
+    from prism_probe.profile import Profile
+
+    reg, text = _tiny_text_setup(tmp_path)
+    out = tmp_path / "out"
+    common = ["ablate", "random:tiny-bert", "--registry", str(reg), "--text", str(text),
+              "--device", "cpu"]
+    res = CliRunner().invoke(app, common + ["--json", "--bands", "all,low", "--cutoffs",
+                                            "0,0.5", "--layer", "0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    (p,) = json.loads(res.stdout)
+    assert p["kind"] == "ablation" and p["protocol"]["modality"] == "sequence"
+    assert p["result"]["units"] == "cycles per token" and p["images"]["n_used"] == 3
+    rows = {(r["band"], r["cutoff"]): r["scores"] for r in p["result"]["rows"]}
+    assert rows[("all", None)]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[("all", None)]["kept_energy"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[("low", 0.5)]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[("low", 0.0)]["cosine"] < rows[("low", 0.5)]["cosine"]
+    assert Profile.load(out / "ablation-random_tiny-bert.json").kind == "ablation"
+    assert (out / "ablation.png").is_file()
+    res = CliRunner().invoke(app, common + ["--bands", "all"])
+    assert res.exit_code == 0 and "cosine" in res.stdout
+    for extra, msg in ((["--train", str(tmp_path)], "--train applies to images only"),
+                       (["--mode", "input"], "along tokens only"),
+                       (["--video", str(tmp_path)], "run them separately")):
+        res = CliRunner().invoke(app, common + extra)
+        assert res.exit_code == 2 and msg in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1

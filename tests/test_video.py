@@ -288,3 +288,69 @@ def test_frame_folder_and_unreadable_clips_are_skipped_and_counted(tmp_path):
     p = measure_video_encoder(enc, clips)
     assert p.images["n_used"] == 1 and p.images["n_skipped"] == 1
     assert "bad.mp4" in json.dumps(p.images["skipped"])
+
+
+# ---------------------------------------------------------------- ablate --video (the CLI)
+
+
+def _tiny_video_registry(tmp_path: Path) -> Path:
+    import yaml
+
+    entry = {"family": "semantic", "modality": "video", "backend": "transformers_video",
+             "id": "tiny", "input": {"size": 48, "frames": 8}, "features": {"layer": "final"},
+             "options": {"config": TINY}, "description": "test"}
+    path = tmp_path / "tiny-video.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "encoders": {"tiny-videomae": entry}}))
+    return path
+
+
+def _static_clip_folder(tmp_path: Path, frames: int = 8) -> Path:
+    folder = tmp_path / "static"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    still = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    for i in range(frames):
+        still.save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_cli_ablate_video_known_answers_json_and_out(tmp_path):
+    from typer.testing import CliRunner
+
+    from prism_probe.cli import app
+
+    reg, clip = _tiny_video_registry(tmp_path), _static_clip_folder(tmp_path)
+    common = ["ablate", "random:tiny-videomae", "--registry", str(reg), "--video", str(clip),
+              "--device", "cpu", "--json"]
+    # tokens (default): the all-pass band and a cutoff above 0.5 keep the features exactly
+    res = CliRunner().invoke(app, common + ["--bands", "all,low", "--cutoffs", "0,0.5"])
+    assert res.exit_code == 0, res.output
+    (p,) = json.loads(res.stdout)
+    assert p["kind"] == "ablation" and p["schema_version"] >= 1
+    assert p["protocol"]["modality"] == "video"
+    assert p["protocol"]["ablation"]["mode"] == "tokens"
+    rows = {(r["band"], r["cutoff"]): r["scores"] for r in p["result"]["rows"]}
+    assert rows[("all", None)]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[("low", 0.5)]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[("low", 0.0)]["cosine"] < 0.999  # position embeddings vary along time
+    # input mode: a static clip has no temporal energy beyond DC, so a low-pass at 0 keeps it
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, common + ["--mode", "input", "--bands", "low,high",
+                                            "--cutoffs", "0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    (p,) = json.loads(res.stdout)
+    rows = {r["band"]: r["scores"] for r in p["result"]["rows"]}
+    assert rows["low"]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert rows["low"]["kept_energy"] == pytest.approx(1.0, abs=1e-5)
+    assert rows["high"]["kept_energy"] == pytest.approx(0.0, abs=1e-6)
+    saved = Profile.load(out / "ablation-random_tiny-videomae.json")
+    assert saved.kind == "ablation" and saved.protocol["modality"] == "video"
+    assert (out / "ablation.png").is_file()
+    # the table, and image-only options refused in one line
+    res = CliRunner().invoke(app, common[:-1] + ["--bands", "all"])
+    assert res.exit_code == 0 and "cosine" in res.stdout and "1.000" in res.stdout
+    res = CliRunner().invoke(app, common + ["--image-size", "64"])
+    assert res.exit_code == 2 and "--image-size applies to images only" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(app, common + ["--layer", "blocks.1"])
+    assert res.exit_code == 2 and "block index" in res.output
