@@ -543,7 +543,8 @@ def train_uae_cmd(
                                           "preset."),
     sets: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE override, e.g. "
                                              "optim.lr=1e-4 or stages.0.steps=50 (repeatable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly, "
+                                "with the configuration it was trained with."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop (with a "
                                              "checkpoint) after this many steps in total."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -554,9 +555,12 @@ def train_uae_cmd(
     """
     _setup_logging(verbose)
     try:
-        from .uae.train import resolve_config, train
+        from .uae.train import resolve_config, saved_config, train
 
-        cfg = resolve_config(preset, config, list(sets or []))
+        if resume and not (preset or config or sets):
+            cfg = saved_config(out)  # continue the run exactly as it was configured
+        else:
+            cfg = resolve_config(preset, config, list(sets or []))
         train(cfg, out, resume=resume, stop_after=stop_after)
     except PrismError as exc:
         _fail(exc)

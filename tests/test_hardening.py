@@ -655,3 +655,24 @@ def test_ablate_and_baseline_refuse_an_unwritable_out_before_measuring(tmp_path,
                                   "32", "--out", blocker / "sub" / "b.json"))
     assert str(blocker / "sub") in line and "cannot write output" in line
     assert blocker.read_text() == "keep me"
+
+
+def test_resume_uses_the_runs_own_config_and_refuses_a_different_one(tmp_path, cifar_dir,
+                                                                     shared_weights):
+    """--resume alone continues the run as configured; --resume with another configuration is
+    refused (it would silently train a different schedule on top of the checkpoint)."""
+    import json as _json
+
+    config = _uae_config(tmp_path, cifar_dir, shared_weights, steps=4)
+    run = tmp_path / "run"
+    r = _train_uae(config, run, "--stop-after", "2")
+    assert r.exit_code == 0, r.output
+    saved = (run / "config.json").read_text()
+
+    line = _one_error_line(_train_uae(config, run, "--resume", "--set", "stages.0.steps=9"))
+    assert "differs from the run's own" in line and "stages.0.steps: 9 (now) vs 4 (run)" in line
+    assert (run / "config.json").read_text() == saved
+
+    r = invoke("train-uae", "--out", run, "--resume")
+    assert r.exit_code == 0, r.output
+    assert _json.loads((run / "checkpoint.json").read_text())["step"] == 4

@@ -791,6 +791,51 @@ def _check_class_folders(root: Path) -> None:
                                "add images or remove the folder(s)")
 
 
+def saved_config(run: str | Path) -> dict[str, Any]:
+    """The configuration a run folder was trained with (``RUN/config.json``)."""
+    path = Path(run) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except OSError:
+        raise PrismError(f"{path}: not found, so there is no run in {run} to resume; start "
+                         "without --resume") from None
+    except json.JSONDecodeError as exc:
+        raise PrismError(f"{path}: damaged ({exc.msg} at line {exc.lineno}); restore it, or "
+                         "give the original --preset/--config/--set with --resume") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise PrismError(f"{path}: not a UAE run config (no 'config' mapping)")
+    return data["config"]
+
+
+def _config_differences(new: Any, old: Any, key: str = "") -> list[str]:
+    """Dotted keys where two JSON-like configurations differ, with both values."""
+    if isinstance(new, Mapping) and isinstance(old, Mapping):
+        out = []
+        for k in sorted(set(new) | set(old), key=str):
+            out += _config_differences(new.get(k), old.get(k), f"{key}.{k}" if key else str(k))
+        return out
+    if isinstance(new, list) and isinstance(old, list) and len(new) == len(old):
+        return [d for i, (a, b) in enumerate(zip(new, old))
+                for d in _config_differences(a, b, f"{key}.{i}")]
+    return [] if new == old else [f"{key}: {new!r} (now) vs {old!r} (run)"]
+
+
+def _check_resume_config(cfg: Mapping[str, Any], run: Path) -> None:
+    """Refuse to resume a run with a configuration other than the one it was trained with:
+    the checkpoint's step, stage and schedule only mean something under the run's own."""
+    if not (run / "config.json").exists():
+        return  # read_checkpoint then says what is missing
+    now = json.loads(json.dumps(cfg, default=str))
+    diffs = [d for d in _config_differences(now, saved_config(run))
+             if not d.startswith("optim.warmup_steps:")]  # derived from warmup_epochs
+    if diffs:
+        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise PrismError(f"{run}: --resume with a configuration that differs from the run's own "
+                         f"({'; '.join(diffs[:3])}{more}); resume without --preset/--config/"
+                         "--set to continue the run as it was, or start a new run in another "
+                         "--out")
+
+
 def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
           stop_after: int | None = None, progress: bool | None = None) -> list[dict[str, Any]]:
     """Train a UAE as ``cfg`` says, writing the run folder ``out``.
@@ -818,6 +863,8 @@ def train(cfg: Mapping[str, Any], out: str | Path, *, resume: bool = False,
     """
     cfg = copy.deepcopy(dict(cfg))
     run = Path(out)
+    if resume:
+        _check_resume_config(cfg, run)
     rank, world, local = dist_info()
     if world > 1:
         import torch.distributed as dist
