@@ -491,7 +491,7 @@ class SpatiotemporalAccumulator:
             "dct_band_energy": e.tolist(),
             "dct_band_energy_stderr": opt(e_err),
             "dct_band_sizes": dct_band_sizes(h * w, len(e)) if len(e) else [],
-            "summaries": {name: _mean_interval(values[valid, i])
+            "summaries": {name: _mean_interval(values[valid, i], _share_bounds(name))
                           for i, name in enumerate(_VIDEO_SUMMARIES)},
             "interval_method": _interval_note("clips"),
             "n_clips": int(n),
@@ -783,6 +783,11 @@ def token_power_spectrum(x: Tensor, mask: Tensor,
 _SEQ_SUMMARIES = ("low_band_share", "centroid", "slope")
 
 
+def _share_bounds(name: str) -> tuple[float, float] | None:
+    """Shares cannot leave [0, 1], although a t interval over a few clips can."""
+    return (0.0, 1.0) if name.endswith("share") else None
+
+
 class TokenSpectrumAccumulator:
     """Running 1-D spectra of many sequences (one layer), mergeable across workers."""
 
@@ -882,7 +887,7 @@ class TokenSpectrumAccumulator:
             "bin_sequences": have.astype(np.int64).tolist(),
             "dct_band_energy": e.tolist(),
             "dct_band_energy_stderr": None if e_err is None else e_err.tolist(),
-            "summaries": {name: _mean_interval(values[valid, i])
+            "summaries": {name: _mean_interval(values[valid, i], _share_bounds(name))
                           for i, name in enumerate(_SEQ_SUMMARIES)},
             "interval_method": _interval_note("sequences"),
             "n_sequences": int(n),
