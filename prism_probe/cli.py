@@ -67,6 +67,16 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
 
 
+def _emit(profiles, table, written, as_json: bool) -> None:
+    """Results on stdout (JSON or the table), then where the outputs went (stderr)."""
+    if as_json:
+        typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
+    else:
+        _stdout_console().print(table)
+    for path in written:
+        log.info("wrote %s", path)
+
+
 def _stdout_console():
     from rich.console import Console
 
@@ -227,12 +237,7 @@ def spectrum_cmd(
                     image_options={"grid": grid, "units": units, "image_size": image_size,
                                    "dedupe": dedupe, "max_pixels": max_pixels,
                                    "workers": workers})
-            if as_json:
-                typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
-            else:
-                _stdout_console().print(table)
-            for path in written:
-                log.info("wrote %s", path)
+            _emit(profiles, table, written, as_json)
             return
         with progress or nullcontext():
             profiles = measure_spectra(
@@ -248,12 +253,7 @@ def spectrum_cmd(
         _fail(exc)
     except KeyboardInterrupt:
         _interrupted()
-    if as_json:
-        typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
-    else:
-        _stdout_console().print(spectrum_table(profiles))
-    for path in written:
-        log.info("wrote %s", path)
+    _emit(profiles, spectrum_table(profiles), written, as_json)
 
 
 @app.command("plot")
@@ -489,12 +489,7 @@ def ablate_cmd(
         _fail(exc)
     except KeyboardInterrupt:
         _interrupted()
-    if as_json:
-        typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
-    else:
-        _stdout_console().print(ablation_table(profiles))
-    for path in written:
-        log.info("wrote %s", path)
+    _emit(profiles, ablation_table(profiles), written, as_json)
 
 
 def _ablate_nd(encoders, *, mode, bands, cutoffs, layer, threads, as_json, out, registry,
@@ -526,12 +521,7 @@ def _ablate_nd(encoders, *, mode, bands, cutoffs, layer, threads, as_json, out, 
         _fail(exc)
     except KeyboardInterrupt:
         _interrupted()
-    if as_json:
-        typer.echo(json.dumps([json.loads(p.to_json()) for p in profiles], indent=1))
-    else:
-        _stdout_console().print(table)
-    for path in written:
-        log.info("wrote %s", path)
+    _emit(profiles, table, written, as_json)
 
 
 @app.command("train-uae")
